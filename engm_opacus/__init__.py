@@ -1,0 +1,16 @@
+"""engm-opacus: ENGM as a drop-in outer optimizer for adversarial training, on Opacus."""
+
+from engm_opacus.optimizer import ENGMOptimizer, ENGMStepStats
+from engm_opacus.per_example_norms import norms_from_grad_samples
+from engm_opacus.weights import engm_weights, validate_gamma
+from engm_opacus.wrap import make_engm
+
+__all__ = [
+    "ENGMOptimizer",
+    "ENGMStepStats",
+    "engm_weights",
+    "make_engm",
+    "norms_from_grad_samples",
+    "validate_gamma",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,100 @@
+"""``make_engm``: the one-call wrap helper, shaped like Opacus's ``PrivacyEngine.make_private``.
+
+``model, optimizer = make_engm(model, optimizer, gamma=...)`` returns the model
+wrapped in an Opacus ``GradSampleModule`` (per-sample gradients by hooks or
+functorch) and the optimizer wrapped in :class:`~engm_opacus.optimizer.ENGMOptimizer`.
+The training loop is unchanged: ``loss.backward(); optimizer.step(); optimizer.zero_grad()``.
+There is no privacy accounting and no Poisson sampling: this is not DP.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Tuple
+
+import torch
+from opacus.grad_sample import GradSampleModule
+from opacus.grad_sample.utils import wrap_model
+from opacus.validators import ModuleValidator
+from torch import nn
+
+from engm_opacus.optimizer import ENGMOptimizer, NonFinitePolicy, require_torch_optimizer
+from engm_opacus.weights import validate_gamma
+
+GradSampleMode = Literal["hooks", "functorch"]
+SUPPORTED_GRAD_SAMPLE_MODES: Tuple[str, ...] = ("hooks", "functorch")
+
+
+def unsupported_layers_error(model: nn.Module) -> Optional[ValueError]:
+    """Return one ``ValueError`` naming every layer Opacus cannot give per-example gradients for, or ``None``."""
+    errors = ModuleValidator.validate(model, strict=False)
+    if not errors:
+        return None
+    listed = "\n".join(f"  - {error}" for error in errors)
+    return ValueError(
+        "make_engm cannot compute exact per-example gradients for this model:\n"
+        f"{listed}\n"
+        "Fix: model = opacus.validators.ModuleValidator.fix(model) replaces BatchNorm by GroupNorm "
+        "(do it before building the optimizer); or use a model without these layers."
+    )
+
+
+def make_engm(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    gamma: float,
+    grad_sample_mode: GradSampleMode = "hooks",
+    loss_reduction: Literal["mean", "sum"] = "mean",
+    expected_batch_size: Optional[int] = None,
+    on_nonfinite: NonFinitePolicy = "raise",
+) -> Tuple[GradSampleModule, ENGMOptimizer]:
+    """Wrap ``model`` and ``optimizer`` for exact ENGM.
+
+    The update per step is ``d = (1/B) sum_i g_i / max(||g_i||_2, gamma)`` handed to
+    ``optimizer`` (SGD semantics for weight decay, momentum, Nesterov).
+
+    Args:
+        model: the network; must pass Opacus's ``ModuleValidator`` (no BatchNorm).
+        optimizer: a ``torch.optim.Optimizer`` built on ``model``'s parameters.
+        gamma: normalization floor ``gamma > 0``.
+        grad_sample_mode: ``"hooks"`` (Opacus's per-layer rules) or ``"functorch"``.
+        loss_reduction: how the loss you call ``backward()`` on reduces the batch:
+            ``"mean"`` (``CrossEntropyLoss()`` default, what AT code does) or ``"sum"``.
+            Either way ``g_i`` is the gradient of example ``i``'s own loss.
+        expected_batch_size: see :class:`~engm_opacus.optimizer.ENGMOptimizer`.
+        on_nonfinite: ``"raise"`` or ``"skip"`` on NaN/inf per-example gradients.
+
+    Returns:
+        ``(GradSampleModule, ENGMOptimizer)``.
+
+    Raises:
+        ValueError: bad ``gamma``, unknown mode, or layers without per-example gradients.
+        TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
+    """
+    validate_gamma(gamma)
+    require_torch_optimizer(optimizer)
+    if grad_sample_mode not in SUPPORTED_GRAD_SAMPLE_MODES:
+        raise ValueError(
+            f"Unknown grad_sample_mode {grad_sample_mode!r}. "
+            f"Fix: use one of {', '.join(SUPPORTED_GRAD_SAMPLE_MODES)}."
+        )
+    if loss_reduction not in ("mean", "sum"):
+        raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}.")
+    if isinstance(model, GradSampleModule):
+        raise ValueError(
+            "model is already a GradSampleModule. Fix: pass the plain nn.Module (its ._module)."
+        )
+    error = unsupported_layers_error(model)
+    if error is not None:
+        raise error
+    wrapped_model = wrap_model(
+        model, grad_sample_mode, batch_first=True, loss_reduction=loss_reduction
+    )
+    engm_optimizer = ENGMOptimizer(
+        optimizer,
+        gamma=gamma,
+        expected_batch_size=expected_batch_size,
+        on_nonfinite=on_nonfinite,
+    )
+    engm_optimizer.model_loss_reduction = loss_reduction
+    return wrapped_model, engm_optimizer
