@@ -146,12 +146,14 @@ class ENGMOptimizer(DPOptimizer):
     def gamma(self, value: float) -> None:
         self.max_grad_norm = validate_gamma(value)
 
-    def backward(self, per_example_losses: torch.Tensor) -> None:
+    def backward(self, per_example_losses: torch.Tensor, at_output: Optional[object] = None) -> None:
         """Backpropagate ``[B]`` per-example losses so that ``step()`` sees every ``g_i``.
 
         With materialized per-sample gradients this is one ``backward()`` of the
         losses reduced as the ``GradSampleModule`` expects (mean or sum); the ENGM
-        weighting happens in :meth:`step`. Other variants override this seam.
+        weighting happens in :meth:`step`. Other variants override this seam;
+        ``at_output`` (the AT adapter's ``ATLossOutput``, passed by
+        :func:`engm_opacus.step.train_step`) is unused here and there for variants that need it.
         """
         losses = require_per_example_losses(per_example_losses)
         (losses.mean() if self.model_loss_reduction == "mean" else losses.sum()).backward()
