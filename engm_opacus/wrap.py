@@ -13,10 +13,10 @@ from typing import Literal, Optional, Tuple
 
 import torch
 from opacus.grad_sample import GradSampleModule
-from opacus.grad_sample.utils import wrap_model
 from opacus.validators import ModuleValidator
 from torch import nn
 
+from engm_opacus.grad_sample_module import ENGMGradSampleModule
 from engm_opacus.optimizer import ENGMOptimizer, NonFinitePolicy, require_torch_optimizer
 from engm_opacus.weights import validate_gamma
 
@@ -47,7 +47,7 @@ def make_engm(
     loss_reduction: Literal["mean", "sum"] = "mean",
     expected_batch_size: Optional[int] = None,
     on_nonfinite: NonFinitePolicy = "raise",
-) -> Tuple[GradSampleModule, ENGMOptimizer]:
+) -> Tuple[ENGMGradSampleModule, ENGMOptimizer]:
     """Wrap ``model`` and ``optimizer`` for exact ENGM.
 
     The update per step is ``d = (1/B) sum_i g_i / max(||g_i||_2, gamma)`` handed to
@@ -65,7 +65,9 @@ def make_engm(
         on_nonfinite: ``"raise"`` or ``"skip"`` on NaN/inf per-example gradients.
 
     Returns:
-        ``(GradSampleModule, ENGMOptimizer)``.
+        ``(ENGMGradSampleModule, ENGMOptimizer)``. The model is an Opacus ``GradSampleModule``
+        whose hooks ignore backward passes that do not reach the parameters, so an attack
+        that differentiates w.r.t. the input (in train or eval mode) can run through it.
 
     Raises:
         ValueError: bad ``gamma``, unknown mode, or layers without per-example gradients.
@@ -87,8 +89,11 @@ def make_engm(
     error = unsupported_layers_error(model)
     if error is not None:
         raise error
-    wrapped_model = wrap_model(
-        model, grad_sample_mode, batch_first=True, loss_reduction=loss_reduction
+    wrapped_model = ENGMGradSampleModule(
+        model,
+        batch_first=True,
+        loss_reduction=loss_reduction,
+        force_functorch=grad_sample_mode == "functorch",
     )
     engm_optimizer = ENGMOptimizer(
         optimizer,
