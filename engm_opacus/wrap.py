@@ -5,11 +5,14 @@ wrapped in an Opacus ``GradSampleModule`` (per-sample gradients by hooks or
 functorch) and the optimizer wrapped in :class:`~engm_opacus.optimizer.ENGMOptimizer`.
 The training loop is unchanged: ``loss.backward(); optimizer.step(); optimizer.zero_grad()``.
 There is no privacy accounting and no Poisson sampling: this is not DP.
+
+``variant="input-norm"`` gives the cheap variant instead (:mod:`engm_opacus.cheap`):
+the model is returned unchanged and the optimizer estimates ``||g_i||`` from input gradients.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Tuple
+from typing import Literal, Optional, Tuple, Union
 
 import torch
 from opacus.grad_sample import GradSampleModule
@@ -17,6 +20,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from engm_opacus.grad_sample_module import ENGMGradSampleModule
+from engm_opacus.cheap import InputGradSource, ScaleHook, make_input_norm_engm
 from engm_opacus.optimizer import ENGMOptimizer, NonFinitePolicy, require_torch_optimizer
 from engm_opacus.weights import validate_gamma
 
@@ -47,6 +51,11 @@ def make_engm(
     loss_reduction: Literal["mean", "sum"] = "mean",
     expected_batch_size: Optional[int] = None,
     on_nonfinite: NonFinitePolicy = "raise",
+    variant: Literal["exact", "input-norm"] = "exact",
+    input_norm_source: InputGradSource = "recompute",
+    calibrate_every: Optional[int] = None,
+    scale: Union[None, float, ScaleHook] = None,
+    calibration_momentum: float = 0.9,
 ) -> Tuple[ENGMGradSampleModule, ENGMOptimizer]:
     """Wrap ``model`` and ``optimizer`` for exact ENGM.
 
@@ -63,6 +72,15 @@ def make_engm(
             Either way ``g_i`` is the gradient of example ``i``'s own loss.
         expected_batch_size: see :class:`~engm_opacus.optimizer.ENGMOptimizer`.
         on_nonfinite: ``"raise"`` or ``"skip"`` on NaN/inf per-example gradients.
+        variant: ``"exact"`` (per-example gradients) or ``"input-norm"`` (the cheap variant:
+            returns ``(model, InputNormENGMOptimizer)`` with the model unwrapped, any model
+            including BatchNorm; grad_sample_mode, loss_reduction and expected_batch_size
+            do not apply). The next four arguments apply to ``"input-norm"`` only.
+        input_norm_source: ``"recompute"`` or ``"attack"``; see :mod:`engm_opacus.cheap`.
+        calibrate_every: calibrate the scale ``s`` every ``K`` steps against exact norms;
+            ``None``: fixed ``scale``.
+        scale: fixed ``s`` (default 1.0) or a hook ``scale(input_norms)``; only without calibration.
+        calibration_momentum: momentum of the running average of ``s``.
 
     Returns:
         ``(ENGMGradSampleModule, ENGMOptimizer)``. The model is an Opacus ``GradSampleModule``
@@ -73,6 +91,30 @@ def make_engm(
         ValueError: bad ``gamma``, unknown mode, or layers without per-example gradients.
         TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
     """
+    if variant == "input-norm":
+        if (grad_sample_mode, loss_reduction, expected_batch_size) != ("hooks", "mean", None):
+            raise ValueError(
+                "grad_sample_mode, loss_reduction and expected_batch_size apply to variant='exact' only; "
+                "the input-norm variant takes per-example losses in optimizer.backward(losses, ...) and "
+                "divides by the actual batch size. Fix: leave them at their defaults."
+            )
+        return make_input_norm_engm(
+            model,
+            optimizer,
+            gamma=gamma,
+            source=input_norm_source,
+            calibrate_every=calibrate_every,
+            scale=scale,
+            calibration_momentum=calibration_momentum,
+            on_nonfinite=on_nonfinite,
+        )
+    if variant != "exact":
+        raise ValueError(f"Unknown variant {variant!r}. Fix: use 'exact' or 'input-norm'.")
+    if (input_norm_source, calibrate_every, scale) != ("recompute", None, None):
+        raise ValueError(
+            "input_norm_source, calibrate_every and scale apply to variant='input-norm' only. "
+            "Fix: pass variant='input-norm', or drop these arguments for exact ENGM."
+        )
     validate_gamma(gamma)
     require_torch_optimizer(optimizer)
     if grad_sample_mode not in SUPPORTED_GRAD_SAMPLE_MODES:
