@@ -6,7 +6,9 @@ turns into ENGM weights. From materialized per-sample gradients (Opacus
 
 .. math::
 
-    n_i = \\sqrt{\\sum_{p} \\|g_{i,p}\\|_2^2}
+    n_i = \\sqrt{\\sum_{p} \\|g_{i,p}\\|_2^2} = \\big\\| (\\|g_{i,p}\\|_2)_p \\big\\|_2
+
+(the per-parameter norms first, as Opacus does, so no squared copy of ``g`` is allocated).
 """
 
 from __future__ import annotations
@@ -36,6 +38,6 @@ def norms_from_grad_samples(grad_samples: Sequence[torch.Tensor]) -> torch.Tenso
             f"Per-sample gradients have different batch sizes {sorted(batch_sizes)}; a parameter "
             "was used by only part of the batch. Fix: make every trainable parameter see every example."
         )
-    squared = [g.reshape(len(g), -1).pow(2).sum(dim=1) for g in grad_samples]
-    device = squared[0].device
-    return torch.stack([s.to(device) for s in squared], dim=1).sum(dim=1).sqrt()
+    per_parameter = [torch.linalg.vector_norm(g.reshape(len(g), -1), dim=1) for g in grad_samples]
+    device = per_parameter[0].device
+    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in per_parameter], dim=1), dim=1)
