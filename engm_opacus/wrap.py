@@ -19,26 +19,33 @@ from opacus.grad_sample import GradSampleModule
 from opacus.validators import ModuleValidator
 from torch import nn
 
+from engm_opacus.batchnorm import convert_batchnorm, has_batchnorm, layers_with_unsupported_buffers
+from engm_opacus.ghost import GhostNormModule, TwoPassENGMOptimizer, ghost_module
 from engm_opacus.grad_sample_module import ENGMGradSampleModule
 from engm_opacus.cheap import InputGradSource, ScaleHook, make_input_norm_engm
 from engm_opacus.optimizer import ENGMOptimizer, NonFinitePolicy, require_torch_optimizer
 from engm_opacus.weights import validate_gamma
 
-GradSampleMode = Literal["hooks", "functorch"]
-SUPPORTED_GRAD_SAMPLE_MODES: Tuple[str, ...] = ("hooks", "functorch")
+GradSampleMode = Literal["hooks", "functorch", "ghost"]
+SUPPORTED_GRAD_SAMPLE_MODES: Tuple[str, ...] = ("hooks", "functorch", "ghost")
 
 
 def unsupported_layers_error(model: nn.Module) -> Optional[ValueError]:
-    """Return one ``ValueError`` naming every layer Opacus cannot give per-example gradients for, or ``None``."""
-    errors = ModuleValidator.validate(model, strict=False)
+    """Return one ``ValueError`` naming every layer Opacus cannot give per-example gradients for, or ``None``.
+
+    ``nn.BatchNorm{1,2,3}d`` is supported (see :mod:`engm_opacus.batchnorm`) once
+    :func:`~engm_opacus.batchnorm.convert_batchnorm` has run; other layers with buffers are not.
+    """
+    errors = [str(error) for error in ModuleValidator.validate(model, strict=False)]
+    errors += [f"{layer}: a trainable layer with buffers" for layer in layers_with_unsupported_buffers(model)]
     if not errors:
         return None
     listed = "\n".join(f"  - {error}" for error in errors)
     return ValueError(
         "make_engm cannot compute exact per-example gradients for this model:\n"
         f"{listed}\n"
-        "Fix: model = opacus.validators.ModuleValidator.fix(model) replaces BatchNorm by GroupNorm "
-        "(do it before building the optimizer); or use a model without these layers."
+        "Fix: model = opacus.validators.ModuleValidator.fix(model) replaces these layers by supported "
+        "ones (do it before building the optimizer); or use a model without these layers."
     )
 
 
@@ -56,17 +63,25 @@ def make_engm(
     calibrate_every: Optional[int] = None,
     scale: Union[None, float, ScaleHook] = None,
     calibration_momentum: float = 0.9,
-) -> Tuple[ENGMGradSampleModule, ENGMOptimizer]:
+) -> Tuple[Union[ENGMGradSampleModule, GhostNormModule], ENGMOptimizer]:
     """Wrap ``model`` and ``optimizer`` for exact ENGM.
 
     The update per step is ``d = (1/B) sum_i g_i / max(||g_i||_2, gamma)`` handed to
     ``optimizer`` (SGD semantics for weight decay, momentum, Nesterov).
 
     Args:
-        model: the network; must pass Opacus's ``ModuleValidator`` (no BatchNorm).
+        model: the network; must pass Opacus's ``ModuleValidator``, except that
+            ``nn.BatchNorm{1,2,3}d`` is allowed with ``"hooks"`` and ``"ghost"``: it is
+            converted in place (:func:`~engm_opacus.batchnorm.convert_batchnorm`) and
+            ``g_i`` is defined with the batch statistics held constant; see
+            :mod:`engm_opacus.batchnorm` for that definition and the update ``d``.
         optimizer: a ``torch.optim.Optimizer`` built on ``model``'s parameters.
         gamma: normalization floor ``gamma > 0``.
-        grad_sample_mode: ``"hooks"`` (Opacus's per-layer rules) or ``"functorch"``.
+        grad_sample_mode: ``"hooks"`` (Opacus's per-layer rules), ``"functorch"``, or
+            ``"ghost"`` (norms without per-example gradients, :mod:`engm_opacus.ghost`).
+            ``"ghost"`` and BatchNorm models return a
+            :class:`~engm_opacus.ghost.TwoPassENGMOptimizer`: call
+            ``optimizer.backward(per_example_losses)`` instead of ``loss.backward()``.
         loss_reduction: how the loss you call ``backward()`` on reduces the batch:
             ``"mean"`` (``CrossEntropyLoss()`` default, what AT code does) or ``"sum"``.
             Either way ``g_i`` is the gradient of example ``i``'s own loss.
@@ -128,15 +143,35 @@ def make_engm(
         raise ValueError(
             "model is already a GradSampleModule. Fix: pass the plain nn.Module (its ._module)."
         )
+    batchnorm = has_batchnorm(model)
+    if batchnorm and grad_sample_mode == "functorch":
+        raise ValueError(
+            "grad_sample_mode='functorch' cannot give per-example gradients of BatchNorm layers (it "
+            "differentiates one example at a time, without the batch statistics). "
+            "Fix: use grad_sample_mode='hooks' or 'ghost'."
+        )
+    convert_batchnorm(model)
     error = unsupported_layers_error(model)
     if error is not None:
         raise error
-    wrapped_model = ENGMGradSampleModule(
-        model,
-        batch_first=True,
-        loss_reduction=loss_reduction,
-        force_functorch=grad_sample_mode == "functorch",
-    )
+    if grad_sample_mode == "ghost":
+        wrapped_model = ghost_module(model, loss_reduction=loss_reduction)
+    else:
+        wrapped_model = ENGMGradSampleModule(
+            model,
+            batch_first=True,
+            loss_reduction=loss_reduction,
+            force_functorch=grad_sample_mode == "functorch",
+            strict=not batchnorm,
+        )
+    if grad_sample_mode == "ghost" or batchnorm:
+        return wrapped_model, TwoPassENGMOptimizer(
+            optimizer,
+            module=wrapped_model,
+            gamma=gamma,
+            expected_batch_size=expected_batch_size,
+            on_nonfinite=on_nonfinite,
+        )
     engm_optimizer = ENGMOptimizer(
         optimizer,
         gamma=gamma,

@@ -1,0 +1,230 @@
+"""Exact ENGM in two backward passes: ghost norms (Opacus fast gradient clipping) and BatchNorm models.
+
+Opacus's fast gradient clipping backpropagates twice: once to get per-example gradient
+norms ``n_i`` without materializing the per-example gradients (ghost norms), then the
+per-example losses scaled by the clip factor ``min(1, C/(n_i + 1e-6))``. ENGM is that
+scheme with the factor replaced by ``w_i = 1/max(n_i, gamma)``
+(:func:`engm_opacus.weights.engm_weights`), no noise, and the mean over the batch:
+
+1. norm pass: backward of the reduced loss (mean or sum, as the module expects) with
+   Opacus's hooks on and BatchNorm statistics held constant
+   (:func:`engm_opacus.batchnorm.batch_stats_held_constant`) -> ``n_i``;
+2. weighted pass: backward of ``sum_i w_i l_i`` (``w_i`` detached) with hooks off and
+   ordinary BatchNorm, so ``p.grad = sum_i w_i grad l_i``; ``step()`` divides by the
+   number of examples ``N`` and runs the wrapped optimizer (no noise, no second
+   rescaling).
+
+The same two passes serve BatchNorm models with materialized per-example gradients
+(Opacus ``GradSampleModule`` hooks): there the norm pass stores ``p.grad_sample``, which
+is reduced to ``n_i`` and freed at once.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, List, Literal, Optional, Union
+
+import torch
+from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizerFastGradientClipping
+from opacus.utils.module_utils import trainable_parameters
+from torch import nn
+
+from engm_opacus.batchnorm import batch_stats_held_constant
+from engm_opacus.grad_sample_module import SkipsInputOnlyBackward
+from engm_opacus.optimizer import ENGMOptimizer, NonFinitePolicy, require_per_example_losses
+from engm_opacus.per_example_norms import norms_from_grad_samples
+from engm_opacus.weights import engm_weights
+
+NormModule = Union[GradSampleModule, GradSampleModuleFastGradientClipping]
+
+
+class GhostNormModule(SkipsInputOnlyBackward, GradSampleModuleFastGradientClipping):
+    """Opacus's ghost-norm module, extended to layers called more than once per example.
+
+    Like :class:`~engm_opacus.grad_sample_module.ENGMGradSampleModule`, its hooks ignore
+    backward passes that do not reach the parameters (an attack's input gradients).
+
+    Opacus refuses ghost norms when a layer runs twice before its backward
+    (``NotImplementedError: Parameter tying is not supported``), because its norm
+    samplers see one call at a time and ``||g_a + g_b|| != ||g_a|| + ||g_b||``. TRADES and
+    MART call the model on ``x`` and on ``x_adv``, so every layer runs twice. Here such a
+    layer's calls take Opacus's own fast-gradient-clipping route instead: its per-layer
+    per-example gradients of all calls are summed (``_current_grad_sample``) and reduced
+    to a norm when the last call's backward arrives, then freed. Layers called once keep
+    the ghost norm. The result is the exact norm of the per-example gradient summed over
+    calls; tied parameters are handled the same way.
+    """
+
+    def capture_activations_hook(self, module: nn.Module, forward_input: List[torch.Tensor], forward_output: torch.Tensor) -> None:
+        """Opacus's activation capture, without its refusal of a second call (handled in backward)."""
+        with _ghost_norms_off(self):
+            super().capture_activations_hook(module, forward_input, forward_output)
+
+    def capture_backprops_hook(
+        self,
+        module: nn.Module,
+        _forward_input: torch.Tensor,
+        forward_output: torch.Tensor,
+        loss_reduction: str,
+        batch_first: bool,
+    ) -> None:
+        """Ghost norm for single-call layers; summed per-layer gradients for layers with several calls."""
+        several_calls = any(
+            p._forward_counter > 1 or hasattr(p, "_current_grad_sample") for _, p in trainable_parameters(module)
+        )
+        if several_calls:
+            with _ghost_norms_off(self):
+                super().capture_backprops_hook(module, _forward_input, forward_output, loss_reduction, batch_first)
+        else:
+            super().capture_backprops_hook(module, _forward_input, forward_output, loss_reduction, batch_first)
+
+
+@contextmanager
+def _ghost_norms_off(module: GradSampleModuleFastGradientClipping) -> Iterator[None]:
+    ghost = module.use_ghost_clipping
+    module.use_ghost_clipping = False
+    try:
+        yield
+    finally:
+        module.use_ghost_clipping = ghost
+
+
+@contextmanager
+def hooks_disabled(module: NormModule) -> Iterator[None]:
+    """Turn the Opacus hooks of ``module`` off inside the block (e.g. for an attack's forward/backward)."""
+    enabled = module.hooks_enabled
+    module.disable_hooks()
+    try:
+        yield
+    finally:
+        if enabled:
+            module.enable_hooks()
+
+
+class TwoPassENGMOptimizer(ENGMOptimizer, DPOptimizerFastGradientClipping):
+    """ENGM by a norm pass and a weighted pass; used for ``grad_sample_mode="ghost"`` and BatchNorm models.
+
+    Call :meth:`backward` with the ``[B]`` per-example losses (``loss.backward()`` on a
+    reduced loss cannot tell examples apart here). After one or more ``backward`` calls,
+    ``step()`` sets ``p.grad = (1/N) sum_i w_i grad l_i`` (``N``: examples since the last
+    ``zero_grad()``, or ``expected_batch_size`` per ``backward`` call) and runs the wrapped
+    optimizer with its own momentum, weight decay and Nesterov. :attr:`last_step` holds
+    the same :class:`~engm_opacus.optimizer.ENGMStepStats` as :class:`ENGMOptimizer`.
+
+    Args:
+        optimizer: the wrapped ``torch.optim.Optimizer``.
+        module: the model wrapped by Opacus: :class:`GhostNormModule` (ghost norms) or
+            ``GradSampleModule`` (hooks; per-example gradients materialized, then reduced
+            to norms and freed).
+        gamma: the normalization floor ``gamma > 0``.
+        expected_batch_size: optional fixed divisor per ``backward`` call.
+        on_nonfinite: ``"raise"`` (``FloatingPointError`` before the weighted pass) or
+            ``"skip"`` (the step leaves parameters and momentum untouched).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        module: NormModule,
+        gamma: float,
+        expected_batch_size: Optional[int] = None,
+        on_nonfinite: NonFinitePolicy = "raise",
+    ):
+        if not isinstance(module, (GradSampleModule, GradSampleModuleFastGradientClipping)):
+            raise TypeError(
+                f"module must be the Opacus-wrapped model, got {type(module).__name__}. "
+                "Fix: use make_engm(model, optimizer, gamma=..., grad_sample_mode='ghost'), which wraps both."
+            )
+        super().__init__(optimizer, gamma=gamma, expected_batch_size=expected_batch_size, on_nonfinite=on_nonfinite)
+        self.module = module
+        self.model_loss_reduction = module.loss_reduction
+        self._backward_calls = 0
+
+    @property
+    def accumulated_iterations(self) -> int:
+        """Number of :meth:`backward` calls since the last ``zero_grad()``."""
+        return self._backward_calls
+
+    def backward(self, per_example_losses: torch.Tensor, **_: Any) -> None:
+        """Norm pass, then weighted pass; ``p.grad`` accumulates ``sum_i w_i grad l_i``.
+
+        Args:
+            per_example_losses: ``[B]`` losses ``l_i`` of one forward (any AT loss:
+                PGD-AT, TRADES, MART), differentiable w.r.t. the model's parameters.
+            **_: other keywords of the training step's ``backward`` seam, ignored.
+
+        Raises:
+            ValueError: ``per_example_losses`` is not ``[B]``.
+            FloatingPointError: a norm is NaN/inf and ``on_nonfinite="raise"``.
+        """
+        losses = require_per_example_losses(per_example_losses)
+        norms = self._norm_pass(losses)
+        if len(norms) != len(losses):
+            raise ValueError(
+                f"The model saw batches of {len(norms)} examples but {len(losses)} per-example losses were "
+                "passed. Fix: pass one loss per example of the batch the model was called on."
+            )
+        if not bool(torch.isfinite(norms).all()) and self.on_nonfinite == "raise":
+            bad = torch.nonzero(~torch.isfinite(norms)).flatten().tolist()
+            raise FloatingPointError(
+                f"Non-finite per-example gradient norm for examples {bad[:10]} of {len(norms)}. "
+                "Fix: lower the learning rate or check the loss for log(0)/overflow; or pass "
+                "on_nonfinite='skip' to make_engm to skip such steps."
+            )
+        weights = engm_weights(norms, self.gamma).to(device=losses.device, dtype=losses.dtype)
+        with hooks_disabled(self.module):
+            (weights * losses).sum().backward()
+        self._step_norms.append(norms)
+        self._accumulated_examples += len(norms)
+        self._backward_calls += 1
+
+    def _norm_pass(self, losses: torch.Tensor) -> torch.Tensor:
+        """``[B]`` norms of the held-statistics per-example gradients over the optimizer's parameters."""
+        reduced = losses.mean() if self.model_loss_reduction == "mean" else losses.sum()
+        accumulated = [p.grad for p in self.params]  # earlier weighted passes; the norm pass's grads are dropped
+        for p in self.params:
+            p.grad = None
+        with batch_stats_held_constant(self.module):
+            reduced.backward(retain_graph=True, inputs=self.params)
+        for p, grad in zip(self.params, accumulated):
+            p.grad = grad
+        if isinstance(self.module, GradSampleModuleFastGradientClipping):
+            per_parameter = [self._take(p, "_norm_sample", index) for index, p in enumerate(self.params)]
+            return torch.stack([n.to(per_parameter[0].device) for n in per_parameter], dim=1).norm(dim=1).detach()
+        grad_samples = [self._take(p, "grad_sample", index) for index, p in enumerate(self.params)]
+        return norms_from_grad_samples(grad_samples).detach()
+
+    @staticmethod
+    def _take(p: torch.Tensor, attribute: str, index: int) -> torch.Tensor:
+        value = getattr(p, attribute, None)
+        setattr(p, attribute, None)
+        if not isinstance(value, torch.Tensor):
+            raise RuntimeError(
+                f"Parameter {index} of the optimizer ({tuple(p.shape)}) got no per-example gradient in the norm "
+                "pass. Fix: every parameter the optimizer trains must be used in the forward pass that produced "
+                "the losses, in training mode, with the model returned by make_engm (not the original module)."
+            )
+        return value
+
+    def pre_step(self, closure: Optional[Any] = None) -> bool:
+        """Refuse a step without :meth:`backward`; else weight, average and record as :class:`ENGMOptimizer`."""
+        if not self._step_norms:
+            raise RuntimeError(
+                "step() found no per-example losses: with grad_sample_mode='ghost' or a BatchNorm model, "
+                "ENGM needs both backward passes. Fix: call optimizer.backward(per_example_losses) "
+                "(losses with reduction='none') instead of loss.backward()."
+            )
+        return super().pre_step(closure)
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Clear ``p.grad``, the accumulated ENGM sums and the backward-call count."""
+        if not self._is_last_step_skipped:
+            self._backward_calls = 0
+        super().zero_grad(set_to_none)
+
+
+def ghost_module(model: nn.Module, *, loss_reduction: Literal["mean", "sum"]) -> GhostNormModule:
+    """Wrap ``model`` for ghost norms (BatchNorm buffers allowed: see :mod:`engm_opacus.batchnorm`)."""
+    return GhostNormModule(model, batch_first=True, loss_reduction=loss_reduction, strict=False, use_ghost_clipping=True)
