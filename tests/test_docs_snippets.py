@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import linecache
 import re
+import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,3 +103,51 @@ def test_runnable_snippet_executes(snippet: Snippet, monkeypatch: pytest.MonkeyP
     linecache.cache[filename] = (len(snippet.code), None, snippet.code.splitlines(True), filename)  # readable tracebacks
     code = compile(snippet.code, filename, "exec")
     exec(code, {"__name__": "__main__"})  # noqa: S102 - executing our own documentation is the point
+
+
+def load_error_table_hook():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("error_table", DOCS / "_hooks" / "error_table.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_troubleshooting_table_lists_the_library_errors_with_their_fixes() -> None:
+    hook = load_error_table_hook()
+    page = (DOCS / "troubleshooting.md").read_text(encoding="utf-8")
+    assert hook.MARKER in page
+    rendered = hook.on_page_markdown(page, None, None, None)
+    assert hook.MARKER not in rendered
+    sites = hook.all_error_sites()
+    assert rendered.count("<tr><td>") == len(sites)
+    by_function = {(s.module, s.function): s for s in sites}
+    gamma = by_function[("engm_opacus.weights", "validate_gamma")]
+    assert gamma.exception == "ValueError"
+    assert gamma.problem.startswith("gamma must be a positive finite number, got {gamma}.")
+    assert gamma.fix.startswith("pass e.g. gamma=1.0")
+    reduced = by_function[("engm_opacus.optimizer", "require_per_example_losses")]
+    assert "reduction=&#x27;none&#x27;" in rendered and reduced.fix.startswith("compute the loss with reduction='none'")
+
+
+def test_error_table_reads_fstrings_concatenation_and_returned_exceptions(tmp_path: Path) -> None:
+    hook = load_error_table_hook()
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "mod.py").write_text(
+        "def f(x):\n"
+        "    if x:\n"
+        "        raise ValueError(f'bad {x!r} value. ' 'Fix: use 1.')\n"
+        "    return KeyError('plain ' + 'joined')\n"
+        "class C:\n"
+        "    def g(self):\n"
+        "        raise RuntimeError(message_variable)\n",
+        encoding="utf-8",
+    )
+    sites = hook.all_error_sites(package)
+    assert [(s.exception, s.function, s.problem, s.fix) for s in sites] == [
+        ("ValueError", "f", "bad {x} value.", "use 1."),
+        ("KeyError", "f", "plain joined", ""),
+    ]

@@ -1,0 +1,115 @@
+"""MkDocs hook: render every error message the library can raise into the Troubleshooting page.
+
+The page ``troubleshooting.md`` contains the line ``<!-- error-table -->``; at build time it is
+replaced by one table row per exception constructed in ``engm_opacus/`` (``raise X("...")`` or
+``return X("...")`` with ``X`` an exception class and a literal or f-string message). The
+message is split at ``"Fix:"`` into the problem and its fix, so the page is current with the
+code on every build and cannot drift.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import html
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, List, Optional
+
+MARKER = "<!-- error-table -->"
+PACKAGE = Path(__file__).resolve().parents[2] / "engm_opacus"
+
+
+@dataclass(frozen=True)
+class ErrorSite:
+    """One exception the library constructs: its type, message template, and where."""
+
+    exception: str
+    message: str
+    module: str
+    function: str
+    line: int
+
+    @property
+    def problem(self) -> str:
+        return self.message.split("Fix:", 1)[0].strip()
+
+    @property
+    def fix(self) -> str:
+        parts = self.message.split("Fix:", 1)
+        return parts[1].strip() if len(parts) == 2 else ""
+
+
+def message_template(node: ast.expr) -> Optional[str]:
+    """The literal text of a str / f-string / ``+``-concatenation, with ``{expr}`` for each placeholder."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr):
+        out = []
+        for value in node.values:
+            if isinstance(value, ast.Constant):
+                out.append(str(value.value))
+            elif isinstance(value, ast.FormattedValue):
+                out.append("{" + ast.unparse(value.value) + "}")
+        return "".join(out)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        left, right = message_template(node.left), message_template(node.right)
+        return None if left is None or right is None else left + right
+    return None
+
+
+def is_exception_name(name: str) -> bool:
+    builtin = getattr(builtins, name, None)
+    return (isinstance(builtin, type) and issubclass(builtin, BaseException)) or name.endswith("Error")
+
+
+def error_sites_in(path: Path, package_root: Path) -> Iterable[ErrorSite]:
+    """Every exception constructed with a message in the module at ``path``."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    module = ".".join(path.relative_to(package_root.parent).with_suffix("").parts).removesuffix(".__init__")
+    parents = {child: parent for parent in ast.walk(tree) for child in ast.iter_child_nodes(parent)}
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and is_exception_name(node.func.id)):
+            continue
+        if not node.args:
+            continue
+        message = message_template(node.args[0])
+        if message is None:
+            continue
+        scope, function = node, "<module>"
+        while scope in parents:
+            scope = parents[scope]
+            if isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                function = scope.name if function == "<module>" else f"{scope.name}.{function}"
+        yield ErrorSite(node.func.id, " ".join(message.split()), module, function, node.lineno)
+
+
+def all_error_sites(package_root: Path = PACKAGE) -> List[ErrorSite]:
+    """Every error site of the package, sorted by module and line."""
+    sites = [site for path in sorted(package_root.rglob("*.py")) for site in error_sites_in(path, package_root)]
+    return sorted(sites, key=lambda s: (s.module, s.line))
+
+
+def render_table(sites: List[ErrorSite]) -> str:
+    """An HTML table (messages escaped verbatim) with one row per error site."""
+    rows = "\n".join(
+        "<tr>"
+        f"<td><code>{html.escape(s.exception)}</code></td>"
+        f"<td>{html.escape(s.problem)}</td>"
+        f"<td>{html.escape(s.fix) or '&mdash;'}</td>"
+        f"<td><code>{html.escape(s.module)}</code><br><small>{html.escape(s.function)}</small></td>"
+        "</tr>"
+        for s in sites
+    )
+    return (
+        '<table class="error-table">\n'
+        "<thead><tr><th>Exception</th><th>Message</th><th>Fix</th><th>Raised in</th></tr></thead>\n"
+        f"<tbody>\n{rows}\n</tbody>\n</table>"
+    )
+
+
+def on_page_markdown(markdown: str, page, config, files) -> str:  # noqa: ANN001 - MkDocs hook signature
+    """Replace the marker with the current table."""
+    if MARKER not in markdown:
+        return markdown
+    return markdown.replace(MARKER, render_table(all_error_sites()))
