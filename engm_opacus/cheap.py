@@ -40,8 +40,9 @@ exact norm is reported, so how well it tracks is measured, not assumed.
 
 **Scale** ``s``. Either fixed (``scale=1.0`` by default, no calibration), or
 calibrated every ``K`` steps on the current batch against exact per-example norms
-``n_i = ||grad_theta l_i||_2`` (:func:`exact_per_example_norms`): the batch ratio
-``r = sum_i n_i / sum_i ||grad_{x_i} l||``, and ``s <- r`` at the first
+``n_i = ||grad_theta l_i||_2`` (:func:`exact_per_example_norms`) of its first ``M``
+examples (``calibration_examples``, default 32): the ratio
+``r = sum_{i<M} n_i / sum_{i<M} ||grad_{x_i} l||``, and ``s <- r`` at the first
 calibration, then ``s <- m s + (1 - m) r`` (an exponential running average with
 momentum ``m``). The exact norms are taken on the same graph as the training loss
 (``torch.autograd.grad(..., is_grads_batched=True)``), so ``g_i`` is the total
@@ -49,8 +50,11 @@ derivative of ``l_i`` -- with BatchNorm in training mode it includes the path
 through the batch statistics, and ``sum_i g_i`` is exactly the batch gradient:
 the definition under which the cheap update is ``(1/B) sum_i w_i g_i``. This
 needs no model copy, no functional re-forward and no loss function, so it
-works for every adapter (TRADES included) and for BatchNorm; it costs ``B``
-vector-Jacobian products, batched, every ``K`` steps.
+works for every adapter (TRADES included) and for BatchNorm. Its price: each of the
+``M`` vector-Jacobian products backpropagates through the whole batch's graph, so a
+calibration costs about ``M`` backward passes, once every ``K`` steps (hence ``M < B``:
+the ratio of 32 examples estimates a global scale well, and the correlation is averaged
+over calibrations).
 """
 
 from __future__ import annotations
@@ -87,8 +91,9 @@ class InputNormStepStats(ENGMStepStats):
     Attributes:
         input_grad_norms: ``[B]`` input-gradient norms ``||grad_{x_i} l||_2``.
         scale: the global ``s`` used (``nan`` when a per-example ``scale`` hook was used).
-        exact_norms: ``[B]`` exact ``||grad_theta l_i||_2`` on calibration steps, else ``None``.
-        pearson: Pearson correlation of ``input_grad_norms`` and ``exact_norms`` on calibration
+        exact_norms: ``[M]`` exact ``||grad_theta l_i||_2`` of the first ``M`` examples on calibration
+            steps, else ``None``.
+        pearson: Pearson correlation of ``input_grad_norms[:M]`` and ``exact_norms`` on calibration
             steps, else ``None``.
     """
 
@@ -120,32 +125,38 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def exact_per_example_norms(
-    per_example_losses: torch.Tensor, params: Sequence[torch.Tensor], chunk_size: int = 32
+    per_example_losses: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    chunk_size: int = 32,
+    rows: Optional[int] = None,
 ) -> torch.Tensor:
-    """``n_i = ||grad_theta l_i||_2`` for each ``i``, from the graph of ``per_example_losses``.
+    """``n_i = ||grad_theta l_i||_2`` for ``i < rows`` (all by default), from the graph of ``per_example_losses``.
 
-    Runs batched vector-Jacobian products (``is_grads_batched=True``) with the rows of the
+    Runs batched vector-Jacobian products (``is_grads_batched=True``) with rows of the
     identity, ``chunk_size`` rows at a time (memory ``chunk_size x`` the parameters), and
-    keeps the graph (``retain_graph=True``) for the training backward.
+    keeps the graph (``retain_graph=True``) for the training backward. Each row
+    backpropagates through the whole batch, so the cost is about ``rows`` backward passes.
 
     Args:
         per_example_losses: ``[B]`` losses whose graph reaches ``params``.
         params: the trained parameters.
         chunk_size: examples per batched backward.
+        rows: compute the first ``rows`` norms only.
     """
     losses = require_per_example_losses(per_example_losses)
     params = [p for p in params if p.requires_grad]
-    eye = torch.eye(len(losses), dtype=losses.dtype, device=losses.device)
+    count = len(losses) if rows is None else min(rows, len(losses))
+    eye = torch.eye(len(losses), dtype=losses.dtype, device=losses.device)[:count]
     pieces = []
-    for start in range(0, len(losses), chunk_size):
-        rows = eye[start : start + chunk_size]
+    for start in range(0, count, chunk_size):
+        rows_chunk = eye[start : start + chunk_size]
         grads = torch.autograd.grad(
-            losses, params, grad_outputs=rows, is_grads_batched=True, retain_graph=True, allow_unused=True
+            losses, params, grad_outputs=rows_chunk, is_grads_batched=True, retain_graph=True, allow_unused=True
         )
-        squared = torch.zeros(len(rows), dtype=losses.dtype, device=losses.device)
+        squared = torch.zeros(len(rows_chunk), dtype=losses.dtype, device=losses.device)
         for g in grads:
             if g is not None:
-                squared = squared + g.reshape(len(rows), -1).pow(2).sum(dim=1).to(squared)
+                squared = squared + g.reshape(len(rows_chunk), -1).pow(2).sum(dim=1).to(squared)
         pieces.append(squared)
     return torch.cat(pieces).sqrt()
 
@@ -153,16 +164,17 @@ def exact_per_example_norms(
 class ScaleCalibrator:
     """Running estimate of ``s`` in ``||grad_theta l_i|| ~= s ||grad_x l_i||``.
 
-    Calibrates at optimizer steps ``0, K, 2K, ...``: ``r = sum_i n_i / sum_i m_i``
-    (``n`` exact, ``m`` input-gradient norms), ``s = r`` the first time, then
-    ``s = momentum * s + (1 - momentum) * r``.
+    Calibrates at optimizer steps ``0, K, 2K, ...`` on the first ``M`` examples of the batch:
+    ``r = sum_i n_i / sum_i m_i`` (``n`` exact, ``m`` input-gradient norms), ``s = r`` the
+    first time, then ``s = momentum * s + (1 - momentum) * r``.
 
     Args:
         every: ``K >= 1``.
         momentum: ``0 <= momentum < 1``.
+        examples: ``M >= 2``, examples per calibration (all of a smaller batch).
     """
 
-    def __init__(self, every: int, momentum: float = 0.9):
+    def __init__(self, every: int, momentum: float = 0.9, examples: int = 32):
         if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
             raise ValueError(
                 f"calibrate_every must be a positive int K (calibrate s every K steps), got {every!r}. "
@@ -173,8 +185,14 @@ class ScaleCalibrator:
                 f"calibration_momentum must be in [0, 1), got {momentum!r}. Fix: pass e.g. 0.9 "
                 "(0 uses only the latest batch's ratio)."
             )
+        if isinstance(examples, bool) or not isinstance(examples, int) or examples < 2:
+            raise ValueError(
+                f"calibration_examples must be an int >= 2 (a ratio and a correlation need two examples), "
+                f"got {examples!r}. Fix: pass e.g. calibration_examples=32."
+            )
         self.every = every
         self.momentum = float(momentum)
+        self.examples = examples
         self.scale: Optional[float] = None
         self.records: List[CalibrationRecord] = []
 
@@ -250,6 +268,7 @@ class InputNormENGMOptimizer(Optimizer):
         scale: the fixed ``s`` (float, default ``1.0``) or a hook ``scale(input_norms)`` returning a
             float or ``[B]`` per-example scales; only without calibration.
         calibration_momentum: momentum of the running average of ``s``.
+        calibration_examples: ``M``, examples of the batch whose exact norms a calibration computes.
         on_nonfinite: ``"raise"`` (``FloatingPointError``) or ``"skip"`` the step when an input-gradient
             norm is not finite.
     """
@@ -263,6 +282,7 @@ class InputNormENGMOptimizer(Optimizer):
         calibrate_every: Optional[int] = None,
         scale: Union[None, float, ScaleHook] = None,
         calibration_momentum: float = 0.9,
+        calibration_examples: int = 32,
         on_nonfinite: NonFinitePolicy = "raise",
     ):
         require_torch_optimizer(optimizer)
@@ -277,7 +297,9 @@ class InputNormENGMOptimizer(Optimizer):
                 "Both scale and calibrate_every were given. Fix: either fix s (scale=..., "
                 "calibrate_every=None) or calibrate it (calibrate_every=K, scale=None)."
             )
-        self.calibrator = None if calibrate_every is None else ScaleCalibrator(calibrate_every, calibration_momentum)
+        self.calibrator = None if calibrate_every is None else ScaleCalibrator(
+            calibrate_every, calibration_momentum, calibration_examples
+        )
         self._scale: Union[float, ScaleHook] = 1.0 if scale is None else scale
         if not callable(self._scale):
             self._scale = float(self._scale)
@@ -380,8 +402,9 @@ class InputNormENGMOptimizer(Optimizer):
             exact = None
             record = None
             if self.calibrator.due(self.steps_taken) and not self._pending:
-                exact = exact_per_example_norms(losses, self.params).detach()
-                record = self.calibrator.update(self.steps_taken, input_norms, exact)
+                count = min(self.calibrator.examples, len(losses))
+                exact = exact_per_example_norms(losses, self.params, rows=count).detach()
+                record = self.calibrator.update(self.steps_taken, input_norms[:count], exact)
             s = self.calibrator.scale if self.calibrator.scale is not None else 1.0
             return s * input_norms, s, exact, None if record is None else record.pearson
         if callable(self._scale):
@@ -539,6 +562,7 @@ def make_input_norm_engm(
     calibrate_every: Optional[int] = None,
     scale: Union[None, float, ScaleHook] = None,
     calibration_momentum: float = 0.9,
+    calibration_examples: int = 32,
     on_nonfinite: NonFinitePolicy = "raise",
 ) -> Tuple[nn.Module, InputNormENGMOptimizer]:
     """``(model, InputNormENGMOptimizer)``: the model unchanged (no per-sample machinery, BatchNorm fine).
@@ -560,6 +584,7 @@ def make_input_norm_engm(
         calibrate_every=calibrate_every,
         scale=scale,
         calibration_momentum=calibration_momentum,
+        calibration_examples=calibration_examples,
         on_nonfinite=on_nonfinite,
     )
     return model, cheap

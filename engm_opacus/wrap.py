@@ -63,6 +63,7 @@ def make_engm(
     calibrate_every: Optional[int] = None,
     scale: Union[None, float, ScaleHook] = None,
     calibration_momentum: float = 0.9,
+    calibration_examples: int = 32,
 ) -> Tuple[Union[ENGMGradSampleModule, GhostNormModule], ENGMOptimizer]:
     """Wrap ``model`` and ``optimizer`` for exact ENGM.
 
@@ -90,12 +91,13 @@ def make_engm(
         variant: ``"exact"`` (per-example gradients) or ``"input-norm"`` (the cheap variant:
             returns ``(model, InputNormENGMOptimizer)`` with the model unwrapped, any model
             including BatchNorm; grad_sample_mode, loss_reduction and expected_batch_size
-            do not apply). The next four arguments apply to ``"input-norm"`` only.
+            do not apply). The next five arguments apply to ``"input-norm"`` only.
         input_norm_source: ``"recompute"`` or ``"attack"``; see :mod:`engm_opacus.cheap`.
         calibrate_every: calibrate the scale ``s`` every ``K`` steps against exact norms;
             ``None``: fixed ``scale``.
         scale: fixed ``s`` (default 1.0) or a hook ``scale(input_norms)``; only without calibration.
         calibration_momentum: momentum of the running average of ``s``.
+        calibration_examples: examples of the batch whose exact norms a calibration computes.
 
     Returns:
         ``(ENGMGradSampleModule, ENGMOptimizer)``. The model is an Opacus ``GradSampleModule``
@@ -121,6 +123,7 @@ def make_engm(
             calibrate_every=calibrate_every,
             scale=scale,
             calibration_momentum=calibration_momentum,
+            calibration_examples=calibration_examples,
             on_nonfinite=on_nonfinite,
         )
     if variant != "exact":

@@ -146,6 +146,21 @@ def test_calibration_schedule_and_running_average() -> None:
     assert optimizer.running_pearson == pytest.approx(sum(r.pearson for r in optimizer.calibrator.records) / 3)
 
 
+def test_calibration_on_the_first_m_examples() -> None:
+    model = build("mlp")
+    x, y = data(30)
+    exact = naive_norms(naive_per_example_grads(model, x, y))[:3]
+    input_norms = naive_input_norms(model, x, y)[:3]
+    _, optimizer = make_engm(
+        model, sgd_on(model), gamma=1.0, variant="input-norm", calibrate_every=1, calibration_examples=3
+    )
+    cheap_backward(model, optimizer, x, y)
+    optimizer.step()
+    torch.testing.assert_close(optimizer.last_step.exact_norms, exact, rtol=1e-10, atol=0)
+    assert optimizer.scale == pytest.approx(float(exact.sum() / input_norms.sum()), rel=1e-10)
+    assert len(optimizer.last_step.weights) == len(x)
+
+
 class Counter:
     """Counts calls of torch.autograd.grad and torch.autograd.backward (which Tensor.backward calls)."""
 
@@ -283,6 +298,7 @@ def sgd_on(model: nn.Module) -> torch.optim.SGD:
         ({"calibrate_every": 2.5}, "calibrate_every"),
         ({"calibrate_every": 4, "calibration_momentum": 1.0}, "calibration_momentum"),
         ({"calibrate_every": 4, "scale": 2.0}, "either fix s"),
+        ({"calibrate_every": 4, "calibration_examples": 1}, "calibration_examples=32"),
         ({"scale": -1.0}, "scale=1.0"),
         ({"grad_sample_mode": "functorch"}, "leave them at their defaults"),
     ],
