@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from engm_opacus.attacks import validate_threat_model
 from engm_opacus.cheap import exact_per_example_norms, pearson
 from engm_opacus.data import load_digits_splits, make_loader
 from engm_opacus.losses.pgd_at import PGDAT
@@ -160,7 +161,18 @@ class DiagnosticsConfig:
                 raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
         if self.probe_size < 2:
             raise ValueError(f"probe_size must be >= 2 for a correlation, got {self.probe_size}. Fix: e.g. 256.")
+        if self.max_train_examples is not None and (
+            isinstance(self.max_train_examples, bool)
+            or not isinstance(self.max_train_examples, int)
+            or self.max_train_examples < 2
+        ):
+            raise ValueError(
+                f"max_train_examples must be an int >= 2 or None (all), got {self.max_train_examples!r}."
+            )
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}. Fix: e.g. lr=0.05.")
         validate_gamma(self.gamma)
+        validate_threat_model(self.eps, self.step_size, self.pgd_steps)
 
 
 @dataclass
