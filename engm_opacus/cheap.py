@@ -24,7 +24,8 @@ decay, momentum, Nesterov). ``w_i`` is :func:`engm_opacus.weights.engm_weights`.
   asked with ``track_input_grad=True``, which :mod:`engm_opacus.step` does because
   :attr:`InputNormENGMOptimizer.needs_input_grad` is ``True``). Row ``i`` is
   ``grad_{x_i} l_i`` because ``l_j`` does not depend on ``x_i`` for ``j != i`` (but see
-  BatchNorm below).
+  BatchNorm below). For losses that also use the clean input (TRADES, MART) it is the
+  gradient w.r.t. ``x_adv`` only: the clean ``x`` is not tracked.
 * ``"attack"``: the input gradient the attack already computed at its last PGD step
   (``ATLossOutput.attack_input_grad``), free when the attack loss is the training loss
   (PGD-AT). It is taken at the last PGD iterate *before* the final sign step, not at
@@ -48,7 +49,9 @@ momentum ``m``). The exact norms are taken on the same graph as the training los
 (``torch.autograd.grad(..., is_grads_batched=True)``), so ``g_i`` is the total
 derivative of ``l_i`` -- with BatchNorm in training mode it includes the path
 through the batch statistics, and ``sum_i g_i`` is exactly the batch gradient:
-the definition under which the cheap update is ``(1/B) sum_i w_i g_i``. This
+the definition under which the cheap update is ``(1/B) sum_i w_i g_i``. (Exact
+ENGM on BatchNorm models, :mod:`engm_opacus.batchnorm`, holds the batch statistics
+constant in its norm pass instead; without BatchNorm the two definitions coincide.) This
 needs no model copy, no functional re-forward and no loss function, so it
 works for every adapter (TRADES included) and for BatchNorm. Its price: each of the
 ``M`` vector-Jacobian products backpropagates through the whole batch's graph, so a
