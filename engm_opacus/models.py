@@ -11,9 +11,9 @@ on 32x32 inputs and also accepts other input sizes.
 Every model takes ``norm``: ``"batch"`` (``BatchNorm2d``, what AT users train) or
 ``"group"`` (``GroupNorm`` with ``gcd(32, C)`` groups over ``C`` channels; Opacus's
 ``ModuleValidator.fix`` uses ``min(32, C)``, which equals ``gcd(32, C)`` for the
-power-of-two widths used here). Exact ENGM needs per-example gradients, which BatchNorm
-does not have (it mixes the examples of a batch), so training with ``optimizer="engm"``
-uses ``norm="group"``.
+power-of-two widths used here). GroupNorm keeps every example's gradient its own, so
+it is the training default; BatchNorm mixes the examples of a batch, and ENGM on it uses
+the definition of :mod:`engm_opacus.batchnorm`.
 """
 
 from __future__ import annotations

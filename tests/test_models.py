@@ -1,0 +1,82 @@
+"""Model registry, reference parameter counts, norm variants, and per-example-gradient support."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from opacus.validators import ModuleValidator
+from torch import nn
+
+from engm_opacus import make_engm
+from engm_opacus.models import MODELS, build_model, norm_layer, preact_resnet18, small_cnn, wide_resnet
+
+TINY_WIDTH = {"small-cnn": 4, "preact-resnet18": 4, "wrn-34-10": 1}
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_reference_parameter_counts() -> None:
+    """The published sizes: PreAct ResNet-18 11,172,170 (Rice et al.) and WRN-34-10 46,160,474 (TRADES), CIFAR-10 heads."""
+    with torch.device("meta"):
+        assert parameter_count(preact_resnet18(num_classes=10, norm="batch")) == 11_172_170
+        assert parameter_count(wide_resnet(34, 10, num_classes=10, norm="batch")) == 46_160_474
+        # GroupNorm has the same affine parameters as BatchNorm
+        assert parameter_count(build_model("wrn-34-10", norm="group")) == 46_160_474
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("in_channels,size", [(1, 16), (3, 32)])
+def test_forward_shape(name: str, in_channels: int, size: int) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=7, in_channels=in_channels, width=TINY_WIDTH[name])
+    assert model(torch.rand(3, in_channels, size, size)).shape == (3, 7)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_group_norm_models_have_every_per_example_gradient(name: str) -> None:
+    """Group-norm models pass Opacus's validator and every parameter gets a [B, ...] grad_sample."""
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=5, in_channels=3, norm="group", width=TINY_WIDTH[name])
+    assert ModuleValidator.validate(model, strict=False) == []
+    wrapped, optimizer = make_engm(model, torch.optim.SGD(model.parameters(), lr=0.1), gamma=1.0)
+    nn.functional.cross_entropy(wrapped(torch.rand(4, 3, 16, 16)), torch.tensor([0, 1, 2, 3])).backward()
+    for p in model.parameters():
+        assert p.grad_sample is not None and p.grad_sample.shape == (4, *p.shape)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_norm_choice_swaps_every_normalization_layer(name: str) -> None:
+    batch = build_model(name, in_channels=3, norm="batch", width=TINY_WIDTH[name])
+    group = build_model(name, in_channels=3, norm="group", width=TINY_WIDTH[name])
+    batch_norms = [m.num_features for m in batch.modules() if isinstance(m, nn.BatchNorm2d)]
+    group_norms = [m.num_channels for m in group.modules() if isinstance(m, nn.GroupNorm)]
+    assert batch_norms and batch_norms == group_norms
+    assert not any(isinstance(m, nn.GroupNorm) for m in batch.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in group.modules())
+
+
+@pytest.mark.parametrize("channels", [4, 16, 48, 64, 640])
+def test_group_norm_groups(channels: int) -> None:
+    layer = norm_layer("group", channels)
+    assert isinstance(layer, nn.GroupNorm)
+    assert layer.num_groups == math.gcd(32, channels) and channels % layer.num_groups == 0
+
+
+def test_width_scales_small_cnn() -> None:
+    assert parameter_count(small_cnn(width=8)) < parameter_count(small_cnn(width=16))
+    assert [m.out_channels for m in small_cnn(width=8).modules() if isinstance(m, nn.Conv2d)] == [8, 16, 16]
+
+
+def test_unknown_names_list_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match="small-cnn, preact-resnet18, wrn-34-10"):
+        build_model("resnet50")
+    with pytest.raises(ValueError, match="batch, group"):
+        build_model("small-cnn", norm="layer")
+    with pytest.raises(ValueError, match="6n \\+ 4"):
+        wide_resnet(depth=33)
+    with pytest.raises(ValueError, match="positive int"):
+        small_cnn(width=0)
