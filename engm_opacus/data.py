@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch.nn import functional as F
@@ -32,6 +32,8 @@ DIGITS_SIZE = 16
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_VAL_FRACTION = 0.1
 CIFAR_VAL_SIZE = 1000
+DATASET_SHAPES: Dict[str, Tuple[int, int, int]] = {"digits": (10, 1, DIGITS_SIZE), "cifar10": (10, 3, 32), "cifar100": (100, 3, 32)}
+"""``(num_classes, in_channels, image_size)`` of each dataset (what a model needs to be built)."""
 
 CIFAR_LAYOUT = {
     "cifar10": (
@@ -94,7 +96,7 @@ def load_digits_splits(split_seed: int = 0) -> DataSplits:
         index = torch.as_tensor(sorted(idx))
         return TensorDataset(images[index], labels[index])
 
-    return DataSplits(part(train), part(val), part(test), num_classes=10, in_channels=1, image_size=DIGITS_SIZE)
+    return DataSplits(part(train), part(val), part(test), *DATASET_SHAPES["digits"])
 
 
 def require_cifar_files(name: str, data_dir: Optional[str]) -> Path:
@@ -140,8 +142,7 @@ def load_cifar_splits(name: str, data_dir: Optional[str], split_seed: int = 0) -
         ) from error
     order = torch.randperm(len(train_aug), generator=torch.Generator().manual_seed(split_seed)).tolist()
     train_idx, val_idx = sorted(order[:-CIFAR_VAL_SIZE]), sorted(order[-CIFAR_VAL_SIZE:])
-    num_classes = 10 if name == "cifar10" else 100
-    return DataSplits(Subset(train_aug, train_idx), Subset(train_plain, val_idx), test, num_classes, 3, 32)
+    return DataSplits(Subset(train_aug, train_idx), Subset(train_plain, val_idx), test, *DATASET_SHAPES[name])
 
 
 def load_dataset(name: str, data_dir: Optional[str] = None, *, split_seed: int = 0) -> DataSplits:
