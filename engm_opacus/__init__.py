@@ -1,5 +1,6 @@
 """engm-opacus: ENGM as a drop-in outer optimizer for adversarial training, on Opacus."""
 
+from engm_opacus.cheap import InputNormENGMOptimizer, InputNormStepStats
 from engm_opacus.optimizer import ENGMOptimizer, ENGMStepStats
 from engm_opacus.per_example_norms import norms_from_grad_samples
 from engm_opacus.weights import engm_weights, validate_gamma
@@ -8,6 +9,8 @@ from engm_opacus.wrap import make_engm
 __all__ = [
     "ENGMOptimizer",
     "ENGMStepStats",
+    "InputNormENGMOptimizer",
+    "InputNormStepStats",
     "engm_weights",
     "make_engm",
     "norms_from_grad_samples",
