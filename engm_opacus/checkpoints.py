@@ -16,7 +16,7 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, BinaryIO, Callable, Dict, Optional, Union
 
 import numpy as np
 import torch
@@ -50,11 +50,12 @@ def _umask() -> int:
     return current
 
 
-def atomic_save(payload: Dict[str, Any], path: PathLike) -> Path:
-    """Write ``payload`` with ``torch.save`` to ``path`` atomically; return the path.
+def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Create or replace ``path`` atomically with the bytes ``write(handle)`` produces; return the path.
 
     Temp file in the same folder -> ``flush`` + ``fsync`` -> ``os.replace`` -> ``fsync`` of the
-    folder. On any exception the temp file is removed and ``path`` is untouched.
+    folder. On any exception (or signal-raised interrupt) the temp file is removed and
+    ``path`` is untouched; after a hard kill only a hidden ``.NAME.*.tmp`` file can remain.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -62,7 +63,7 @@ def atomic_save(payload: Dict[str, Any], path: PathLike) -> Path:
     try:
         os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
         with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, target)
@@ -71,6 +72,16 @@ def atomic_save(payload: Dict[str, Any], path: PathLike) -> Path:
         raise
     _fsync_dir(target.parent)
     return target
+
+
+def atomic_save(payload: Dict[str, Any], path: PathLike) -> Path:
+    """``torch.save(payload)`` to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda handle: torch.save(payload, handle))
+
+
+def atomic_write_text(text: str, path: PathLike) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically (logs, JSON results)."""
+    return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def save_checkpoint(state: Dict[str, Any], path: PathLike) -> Path:
