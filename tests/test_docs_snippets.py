@@ -105,10 +105,10 @@ def test_runnable_snippet_executes(snippet: Snippet, monkeypatch: pytest.MonkeyP
     exec(code, {"__name__": "__main__"})  # noqa: S102 - executing our own documentation is the point
 
 
-def load_error_table_hook():
+def load_hook(name: str):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("error_table", DOCS / "_hooks" / "error_table.py")
+    spec = importlib.util.spec_from_file_location(name, DOCS / "_hooks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -116,7 +116,7 @@ def load_error_table_hook():
 
 
 def test_troubleshooting_table_lists_the_library_errors_with_their_fixes() -> None:
-    hook = load_error_table_hook()
+    hook = load_hook("error_table")
     page = (DOCS / "troubleshooting.md").read_text(encoding="utf-8")
     assert hook.MARKER in page
     rendered = hook.on_page_markdown(page, None, None, None)
@@ -133,7 +133,7 @@ def test_troubleshooting_table_lists_the_library_errors_with_their_fixes() -> No
 
 
 def test_error_table_reads_fstrings_concatenation_and_returned_exceptions(tmp_path: Path) -> None:
-    hook = load_error_table_hook()
+    hook = load_hook("error_table")
     package = tmp_path / "pkg"
     package.mkdir()
     (package / "mod.py").write_text(
@@ -151,3 +151,15 @@ def test_error_table_reads_fstrings_concatenation_and_returned_exceptions(tmp_pa
         ("ValueError", "f", "bad {x} value.", "use 1."),
         ("KeyError", "f", "plain joined", ""),
     ]
+
+
+def test_rst_math_and_roles_become_markdown() -> None:
+    rst_to_markdown = load_hook("griffe_rst").rst_to_markdown
+    text = (
+        "Weights.\n\n.. math::\n\n    w_i = \\frac{1}{\\max(n_i, \\gamma)} \\\\\n    d = w g\n\n"
+        "See :func:`engm_opacus.step.train_step` and :class:`~engm_opacus.optimizer.ENGMOptimizer`."
+    )
+    assert rst_to_markdown(text) == (
+        "Weights.\n\n```latex\nw_i = \\frac{1}{\\max(n_i, \\gamma)} \\\\\nd = w g\n```\n\n"
+        "See `engm_opacus.step.train_step` and `ENGMOptimizer`."
+    )
