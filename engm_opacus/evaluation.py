@@ -19,6 +19,8 @@ from torch import nn
 from engm_opacus.attacks import attack_mode, per_example_hooks_paused, pgd_linf, project, validate_threat_model
 from engm_opacus.step import count_correct
 
+AUTOATTACK_MIN_CLASSES = 4
+
 
 class CastInput(nn.Module):
     """``model(x.to(dtype)).to(x.dtype)``: torchattacks' FAB works in float32 only, the model may be float64."""
@@ -114,6 +116,12 @@ def evaluate(
             with torch.no_grad():
                 robust += count_correct(model(x_pgd), y)
             correct = logits.argmax(dim=1) == y
+            if autoattack and logits.shape[1] < AUTOATTACK_MIN_CLASSES:
+                raise ValueError(
+                    f"AutoAttack needs at least {AUTOATTACK_MIN_CLASSES} classes, got {logits.shape[1]}: "
+                    "APGD-T's targeted DLR loss uses the 3rd and 4th largest logits. "
+                    "Fix: evaluate with autoattack=False (clean and PGD accuracy only)."
+                )
             if autoattack and bool(correct.any()):
                 x_auto = run_autoattack(model, x[correct], y[correct], eps=eps, n_classes=logits.shape[1], seed=seed)
                 with torch.no_grad():
