@@ -14,7 +14,7 @@ from torch import nn
 
 from engm_opacus import ENGMOptimizer, make_engm
 from engm_opacus.attacks import per_example_hooks_paused
-from engm_opacus.losses import MART, PGDAT, TRADES, ATLossOutput, AttackResult, get_at_loss
+from engm_opacus.losses import MART, PGDAT, TRADES, ATLoss, ATLossOutput, AttackResult, get_at_loss
 from engm_opacus.step import StepMetrics, train_step
 
 EPS, STEP, STEPS = 0.1, 0.03, 3
@@ -159,3 +159,27 @@ def test_awp_weights_restored_even_when_the_step_raises() -> None:
         train_step(model, FailingSGD(model.parameters(), lr=0.1), get_at_loss("awp-pgd-at", steps=1), x, y)
     for p, q in zip(model.parameters(), original):
         assert torch.equal(p, q)
+
+
+class NaturalTraining:
+    """A user's own loss through the protocol: clean cross-entropy (no attack)."""
+
+    name = "natural"
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, track_input_grad: bool = False) -> ATLossOutput:
+        logits = model(x)
+        return ATLossOutput(per_example=F.cross_entropy(logits, y, reduction="none"), x_adv=x, logits_adv=logits.detach())
+
+
+def test_a_users_own_loss_plugs_in_through_the_protocol() -> None:
+    gamma = 1.0
+    reference = build("cnn")
+    model = copy.deepcopy(reference)
+    wrapped, optimizer = make_engm(model, sgd(model), gamma=gamma)
+    x, y = batch()
+    assert isinstance(NaturalTraining(), ATLoss)
+    metrics = train_step(wrapped, optimizer, NaturalTraining(), x, y)
+    naive_engm_step(reference, sgd(reference), x, y, gamma)
+    assert metrics.clean_correct is None and metrics.batch_size == len(x)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)

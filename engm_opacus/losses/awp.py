@@ -17,6 +17,7 @@ unperturbed weights ``w``:
    computed at ``w + v`` applied to ``w`` (the reference subtracts ``v``; this form gives
    back ``W_0`` bit for bit when the step did not move ``W``).
 
+Unlike the wrapped losses, ``l_i`` at ``w + v`` depends on the whole batch, through ``v``.
 The ascent (step 1) runs with Opacus's per-sample hooks paused and through
 ``torch.autograd.grad``, so it leaves no ``grad_sample`` and no ``.grad``; buffers
 (BatchNorm running statistics) are restored after it, as the reference computes it on a
