@@ -133,11 +133,14 @@ def random_start_point(
     ``"uniform"`` (Madry et al., Rice et al.): ``clamp(x + U(-eps, eps), 0, 1)``.
     ``"normal"`` (Zhang et al.'s TRADES, Wang et al.'s MART code): ``x + 0.001 * N(0, 1)``,
     not clamped, exactly as their code evaluates its first gradient there.
+    The noise is drawn on ``generator``'s device (so a CPU generator gives the same start
+    for inputs on any device), on ``x``'s device from the global RNG when ``generator`` is ``None``.
     """
+    device = x.device if generator is None else generator.device
+    draw = torch.rand if kind == "uniform" else torch.randn
+    noise = draw(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
     if kind == "uniform":
-        noise = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         return torch.clamp(x + (2.0 * noise - 1.0) * eps, 0.0, 1.0)
-    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
     return x + NORMAL_START_STD * noise
 
 

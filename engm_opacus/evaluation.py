@@ -100,7 +100,7 @@ def evaluate(
     validate_threat_model(eps, step_size, pgd_steps)
     if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1):
         raise ValueError(f"max_examples must be a positive int or None, got {max_examples!r}.")
-    generator = torch.Generator(device=torch.device(device)).manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     clean = robust = auto = total = 0
     with attack_mode(model, eval_mode=True), per_example_hooks_paused(model), parameters_frozen(model):
         for batch in loader:
