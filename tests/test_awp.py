@@ -204,3 +204,20 @@ def test_bad_awp_arguments_name_the_fix() -> None:
         AWP(PGDAT(), gamma_awp=-1.0)
     with pytest.raises(TypeError, match=r"AWP wraps an AttackThenLoss.*get_at_loss\('awp-pgd-at'\)"):
         AWP(lambda model, x, y: None)
+
+
+def test_awp_trades_steps_agree_across_grad_sample_modes() -> None:
+    """hooks (checked against the naive loop above), functorch and ghost give the same two AWP-TRADES steps."""
+    x, y = batch()
+    results = {}
+    for mode in ("hooks", "functorch", "ghost"):
+        model = build("cnn")
+        wrapped, optimizer = make_engm(model, torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9), gamma=2.0,
+                                       grad_sample_mode=mode)
+        awp = get_at_loss("awp-trades", steps=2, gamma_awp=GAMMA_AWP, generator=torch.Generator().manual_seed(1))
+        for _ in range(2):
+            train_step(wrapped, optimizer, awp, x, y)
+        results[mode] = [p.detach().clone() for p in model.parameters()]
+    for mode in ("functorch", "ghost"):
+        for p, q in zip(results[mode], results["hooks"]):
+            torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
