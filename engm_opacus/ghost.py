@@ -21,7 +21,8 @@ is reduced to ``n_i`` and freed at once.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from functools import partial
 from typing import Any, Iterator, List, Literal, Optional, Union
 
 import torch
@@ -54,7 +55,41 @@ class GhostNormModule(SkipsInputOnlyBackward, GradSampleModuleFastGradientClippi
     to a norm when the last call's backward arrives, then freed. Layers called once keep
     the ghost norm. The result is the exact norm of the per-example gradient summed over
     calls; tied parameters are handled the same way.
+
+    The norm pass needs each layer's output gradient, not the parameter gradients. So
+    that it does not compute them, training-mode forwards with hooks on make their
+    floating-point inputs autograd leaves (``x.detach().requires_grad_()``, values
+    unchanged) and the norm pass differentiates w.r.t. those leaves only
+    (:meth:`norm_pass_targets`).
     """
+
+    _norm_pass_active: bool = False
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped module's forward; in training forwards with hooks on, float inputs become norm-pass targets."""
+        if self.hooks_enabled and self.training and torch.is_grad_enabled():
+            args = tuple(self._as_target(a) for a in args)
+        return super().forward(*args, **kwargs)
+
+    def _as_target(self, value: Any) -> Any:
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            return value
+        target = value if value.requires_grad else value.detach().requires_grad_(True)
+        self.__dict__.setdefault("_targets", []).append(target)
+        return target
+
+    def norm_pass_targets(self) -> List[torch.Tensor]:
+        """Take the input tensors recorded since the last call (the norm pass differentiates w.r.t. them)."""
+        return self.__dict__.pop("_targets", [])
+
+    @contextmanager
+    def norm_pass(self) -> Iterator[None]:
+        """Inside, every backward hook computes norms (no check that the pass reaches the parameters)."""
+        self._norm_pass_active = True
+        try:
+            yield
+        finally:
+            self._norm_pass_active = False
 
     def capture_activations_hook(self, module: nn.Module, forward_input: List[torch.Tensor], forward_output: torch.Tensor) -> None:
         """Opacus's activation capture, without its refusal of a second call (handled in backward)."""
@@ -70,14 +105,15 @@ class GhostNormModule(SkipsInputOnlyBackward, GradSampleModuleFastGradientClippi
         batch_first: bool,
     ) -> None:
         """Ghost norm for single-call layers; summed per-layer gradients for layers with several calls."""
+        if self._norm_pass_active:  # targets the inputs, not the parameters: skip SkipsInputOnlyBackward's test
+            hook = partial(GradSampleModuleFastGradientClipping.capture_backprops_hook, self)
+        else:
+            hook = super().capture_backprops_hook
         several_calls = any(
             p._forward_counter > 1 or hasattr(p, "_current_grad_sample") for _, p in trainable_parameters(module)
         )
-        if several_calls:
-            with _ghost_norms_off(self):
-                super().capture_backprops_hook(module, _forward_input, forward_output, loss_reduction, batch_first)
-        else:
-            super().capture_backprops_hook(module, _forward_input, forward_output, loss_reduction, batch_first)
+        with _ghost_norms_off(self) if several_calls else nullcontext():
+            hook(module, _forward_input, forward_output, loss_reduction, batch_first)
 
 
 @contextmanager
@@ -175,7 +211,7 @@ class TwoPassENGMOptimizer(ENGMOptimizer, DPOptimizerFastGradientClipping):
             )
         weights = engm_weights(norms, self.gamma).to(device=losses.device, dtype=losses.dtype)
         with hooks_disabled(self.module):
-            (weights * losses).sum().backward()
+            (weights * losses).sum().backward(inputs=self.params)
         self._step_norms.append(norms)
         self._accumulated_examples += len(norms)
         self._backward_calls += 1
@@ -183,6 +219,11 @@ class TwoPassENGMOptimizer(ENGMOptimizer, DPOptimizerFastGradientClipping):
     def _norm_pass(self, losses: torch.Tensor) -> torch.Tensor:
         """``[B]`` norms of the held-statistics per-example gradients over the optimizer's parameters."""
         reduced = losses.mean() if self.model_loss_reduction == "mean" else losses.sum()
+        targets = self.module.norm_pass_targets() if isinstance(self.module, GhostNormModule) else []
+        if targets:
+            with batch_stats_held_constant(self.module), self.module.norm_pass():
+                torch.autograd.grad(reduced, targets, retain_graph=True, allow_unused=True)
+            return self._norms_from_module()
         accumulated = [p.grad for p in self.params]  # earlier weighted passes; the norm pass's grads are dropped
         for p in self.params:
             p.grad = None
@@ -190,6 +231,9 @@ class TwoPassENGMOptimizer(ENGMOptimizer, DPOptimizerFastGradientClipping):
             reduced.backward(retain_graph=True, inputs=self.params)
         for p, grad in zip(self.params, accumulated):
             p.grad = grad
+        return self._norms_from_module()
+
+    def _norms_from_module(self) -> torch.Tensor:
         if isinstance(self.module, GradSampleModuleFastGradientClipping):
             per_parameter = [self._take(p, "_norm_sample", index) for index, p in enumerate(self.params)]
             return torch.stack([n.to(per_parameter[0].device) for n in per_parameter], dim=1).norm(dim=1).detach()
