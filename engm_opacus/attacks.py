@@ -25,6 +25,7 @@ as ``attack_eval_mode`` (default ``False``).
 from __future__ import annotations
 
 import contextlib
+import numbers
 from typing import Iterator, Literal, Optional, Tuple, Union
 
 import torch
@@ -42,12 +43,12 @@ NORMAL_START_STD = 0.001
 def validate_threat_model(eps: float, step_size: float, steps: int) -> None:
     """Raise ``ValueError`` unless ``0 <= eps <= 1``, ``0 <= step_size <= 1`` and ``steps`` is an int ``>= 0``."""
     for name, value in (("eps", eps), ("step_size", step_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
             raise ValueError(
                 f"{name} must be a number in [0, 1] (inputs live in [0, 1]), got {value!r}. "
                 f"Fix: give {name} on the [0, 1] pixel scale, e.g. {name}=8/255 rather than 8."
             )
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps!r}. Fix: e.g. steps=10 for training, 20 for evaluation.")
 
 

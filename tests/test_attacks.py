@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from models import build, inputs_for
@@ -176,6 +177,7 @@ def test_attack_keeps_model_mode_by_default_and_attack_mode_restores_flags() -> 
     [
         ({"eps": 8}, r"eps must be a number in \[0, 1\].*eps=8/255"),
         ({"eps": -0.1}, r"eps must be a number in \[0, 1\]"),
+        ({"eps": float("nan")}, r"eps must be a number in \[0, 1\]"),
         ({"step_size": 2.0}, r"step_size must be a number in \[0, 1\].*step_size=8/255"),
         ({"steps": -1}, r"steps must be an int >= 0.*steps=10"),
         ({"steps": 2.5}, r"steps must be an int >= 0"),
@@ -193,3 +195,11 @@ def test_inputs_outside_unit_range_are_refused() -> None:
     x, y = batch()
     with pytest.raises(ValueError, match=r"must lie in \[0, 1\].*normalization inside the model"):
         pgd_linf(build("cnn"), (x - 0.5) / 0.25, y)
+
+
+def test_numpy_scalars_are_accepted() -> None:
+    x, y = batch()
+    expected = pgd_linf(build("cnn"), x, y, eps=0.0625, step_size=0.03125, steps=2, random_start=False)
+    got = pgd_linf(build("cnn"), x, y, eps=np.float32(0.0625), step_size=np.float64(0.03125), steps=np.int64(2),
+                   random_start=False)
+    assert torch.equal(got, expected)
