@@ -137,10 +137,11 @@ def test_error_table_reads_fstrings_concatenation_and_returned_exceptions(tmp_pa
     package = tmp_path / "pkg"
     package.mkdir()
     (package / "mod.py").write_text(
+        "CHOICES = ('a', 'b')\n"
         "def f(x):\n"
         "    if x:\n"
-        "        raise ValueError(f'bad {x!r} value. ' 'Fix: use 1.')\n"
-        "    return KeyError('plain ' + 'joined')\n"
+        "        raise ValueError(f'bad {x!r} value {len(x)}. ' 'Fix: use 1.')\n"
+        "    return KeyError('plain ' + f\"joined: {', '.join(CHOICES)}\")\n"
         "class C:\n"
         "    def g(self):\n"
         "        raise RuntimeError(message_variable)\n",
@@ -148,8 +149,8 @@ def test_error_table_reads_fstrings_concatenation_and_returned_exceptions(tmp_pa
     )
     sites = hook.all_error_sites(package)
     assert [(s.exception, s.function, s.problem, s.fix) for s in sites] == [
-        ("ValueError", "f", "bad {x} value.", "use 1."),
-        ("KeyError", "f", "plain joined", ""),
+        ("ValueError", "f", "bad {x} value {...}.", "use 1."),
+        ("KeyError", "f", "plain joined: a, b", ""),
     ]
 
 

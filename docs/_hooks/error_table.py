@@ -14,7 +14,7 @@ import builtins
 import html
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 MARKER = "<!-- error-table -->"
 PACKAGE = Path(__file__).resolve().parents[2] / "engm_opacus"
@@ -40,7 +40,47 @@ class ErrorSite:
         return parts[1].strip() if len(parts) == 2 else ""
 
 
-def message_template(node: ast.expr) -> Optional[str]:
+def string_constants(tree: ast.Module) -> Dict[str, Tuple[str, ...]]:
+    """Module-level ``NAME = ("a", "b")`` (annotated or not): tuples/lists of string literals by name."""
+    constants: Dict[str, Tuple[str, ...]] = {}
+    for statement in tree.body:
+        if isinstance(statement, ast.Assign) and len(statement.targets) == 1:
+            target, value = statement.targets[0], statement.value
+        elif isinstance(statement, ast.AnnAssign) and statement.value is not None:
+            target, value = statement.target, statement.value
+        else:
+            continue
+        if isinstance(target, ast.Name) and isinstance(value, (ast.Tuple, ast.List)):
+            items = [e.value for e in value.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+            if len(items) == len(value.elts):
+                constants[target.id] = tuple(items)
+    return constants
+
+
+def placeholder(expression: ast.expr, constants: Dict[str, Tuple[str, ...]]) -> str:
+    """The text for one ``{...}`` field of an f-string.
+
+    ``", ".join(NAME)`` of a module-level tuple of strings is spelled out (the valid choices);
+    a name or attribute stays a named placeholder (``{gamma}``, ``{self.jobs}``); anything
+    more complex becomes ``{...}``.
+    """
+    if (
+        isinstance(expression, ast.Call)
+        and isinstance(expression.func, ast.Attribute)
+        and expression.func.attr == "join"
+        and isinstance(expression.func.value, ast.Constant)
+        and len(expression.args) == 1
+        and isinstance(expression.args[0], ast.Name)
+        and expression.args[0].id in constants
+    ):
+        return expression.func.value.value.join(constants[expression.args[0].id])
+    simple = isinstance(expression, ast.Name) or (
+        isinstance(expression, ast.Attribute) and isinstance(expression.value, ast.Name)
+    )
+    return "{" + ast.unparse(expression) + "}" if simple else "{...}"
+
+
+def message_template(node: ast.expr, constants: Optional[Dict[str, Tuple[str, ...]]] = None) -> Optional[str]:
     """The literal text of a str / f-string / ``+``-concatenation, with ``{expr}`` for each placeholder."""
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
         return node.value
@@ -50,10 +90,10 @@ def message_template(node: ast.expr) -> Optional[str]:
             if isinstance(value, ast.Constant):
                 out.append(str(value.value))
             elif isinstance(value, ast.FormattedValue):
-                out.append("{" + ast.unparse(value.value) + "}")
+                out.append(placeholder(value.value, constants or {}))
         return "".join(out)
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
-        left, right = message_template(node.left), message_template(node.right)
+        left, right = message_template(node.left, constants), message_template(node.right, constants)
         return None if left is None or right is None else left + right
     return None
 
@@ -67,13 +107,14 @@ def error_sites_in(path: Path, package_root: Path) -> Iterable[ErrorSite]:
     """Every exception constructed with a message in the module at ``path``."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     module = ".".join(path.relative_to(package_root.parent).with_suffix("").parts).removesuffix(".__init__")
+    constants = string_constants(tree)
     parents = {child: parent for parent in ast.walk(tree) for child in ast.iter_child_nodes(parent)}
     for node in ast.walk(tree):
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and is_exception_name(node.func.id)):
             continue
         if not node.args:
             continue
-        message = message_template(node.args[0])
+        message = message_template(node.args[0], constants)
         if message is None:
             continue
         scope, function = node, "<module>"
@@ -94,17 +135,16 @@ def render_table(sites: List[ErrorSite]) -> str:
     """An HTML table (messages escaped verbatim) with one row per error site."""
     rows = "\n".join(
         "<tr>"
-        f"<td><code>{html.escape(s.exception)}</code></td>"
+        f"<td><code>{html.escape(s.exception)}</code><br><small>{html.escape(s.module)}.<br>{html.escape(s.function)}</small></td>"
         f"<td>{html.escape(s.problem)}</td>"
         f"<td>{html.escape(s.fix) or '&mdash;'}</td>"
-        f"<td><code>{html.escape(s.module)}</code><br><small>{html.escape(s.function)}</small></td>"
         "</tr>"
         for s in sites
     )
     return (
-        '<table class="error-table">\n'
-        "<thead><tr><th>Exception</th><th>Message</th><th>Fix</th><th>Raised in</th></tr></thead>\n"
-        f"<tbody>\n{rows}\n</tbody>\n</table>"
+        '<div class="error-table"><table>\n'
+        "<thead><tr><th>Raised</th><th>Message</th><th>Fix</th></tr></thead>\n"
+        f"<tbody>\n{rows}\n</tbody>\n</table></div>"
     )
 
 
