@@ -38,7 +38,7 @@ to MSGD on the same model and norm.
 
 Usage::
 
-    python benchmarks/step_cost.py --device cpu --threads 2 --width 8 --batch-size 128 --repeats 5
+    python benchmarks/step_cost.py --device cpu --threads 1 --width 4 --batch-size 128 --repeats 5
     python benchmarks/step_cost.py --device cuda --width 64 --batch-size 128 --repeats 7
 """
 
@@ -256,7 +256,8 @@ def run_group(
     model_name: str, norm: str, rows: List[str], args: argparse.Namespace, device: torch.device
 ) -> List[Tuple[str, float, float, float]]:
     """``(row, median s/step, time ratio, memory ratio)`` for the rows of one model/norm."""
-    setups = {row: setup(row, model_name, norm, args.width, args.batch_size, device, args.seed) for row in rows}
+    width = args.width if model_name == "PreAct ResNet-18" else args.cnn_width
+    setups = {row: setup(row, model_name, norm, width, args.batch_size, device, args.seed) for row in rows}
     times = measure_time(setups, args.repeats, device)
     peaks = {row: persistent_bytes(s.persistent()) + transient_bytes(s.step, device) for row, s in setups.items()}
     medians = {row: statistics.median(values) for row, values in times.items()}
@@ -277,7 +278,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    parser.add_argument("--width", type=int, default=8, help="base width of both models (ResNet-18: 64 = standard)")
+    parser.add_argument("--width", type=int, default=8, help="PreAct ResNet-18 base width (64 = standard)")
+    parser.add_argument("--cnn-width", type=int, default=16, help="small CNN base width (16 = its default)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (>= 5)")
     parser.add_argument("--models", default="PreAct ResNet-18,small CNN", help="comma-separated subset")
@@ -300,7 +302,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     where = f"CPU, {torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
     memory = "CUDA max_memory_allocated" if device.type == "cuda" else "VmHWM-based estimate"
     title = (
-        f"PGD-10 AT step, width {args.width}, batch {args.batch_size}, 3x32x32, {where}; "
+        f"PGD-10 AT step, ResNet-18 width {args.width}, small CNN width {args.cnn_width}, batch {args.batch_size}, 3x32x32, {where}; "
         f"median of {args.repeats} round-robin rounds; peak memory: {memory} + persistent tensors"
     )
     table = Table(title=title)
