@@ -111,17 +111,17 @@ def evaluate(
                 break
             with torch.no_grad():
                 logits = model(x)
-            clean += count_correct(logits, y)
-            x_pgd = pgd_linf(model, x, y, eps=eps, step_size=step_size, steps=pgd_steps, generator=generator)
-            with torch.no_grad():
-                robust += count_correct(model(x_pgd), y)
-            correct = logits.argmax(dim=1) == y
             if autoattack and logits.shape[1] < AUTOATTACK_MIN_CLASSES:
                 raise ValueError(
                     f"AutoAttack needs at least {AUTOATTACK_MIN_CLASSES} classes, got {logits.shape[1]}: "
                     "APGD-T's targeted DLR loss uses the 3rd and 4th largest logits. "
                     "Fix: evaluate with autoattack=False (clean and PGD accuracy only)."
                 )
+            correct = logits.argmax(dim=1) == y
+            clean += int(correct.sum())
+            x_pgd = pgd_linf(model, x, y, eps=eps, step_size=step_size, steps=pgd_steps, generator=generator)
+            with torch.no_grad():
+                robust += count_correct(model(x_pgd), y)
             if autoattack and bool(correct.any()):
                 x_auto = run_autoattack(model, x[correct], y[correct], eps=eps, n_classes=logits.shape[1], seed=seed)
                 with torch.no_grad():
