@@ -1,0 +1,57 @@
+"""The ``engm-opacus`` command line (``python -m engm_opacus`` is the same).
+
+Each subcommand is one module in :mod:`engm_opacus.commands` listed in :data:`COMMANDS`.
+A command module provides:
+
+* ``register(subparsers) -> argparse.ArgumentParser``: add its subparser (with ``help``)
+  and its options, and ``set_defaults(handler=run)``;
+* ``run(args: argparse.Namespace) -> int``: do the work and return the exit status.
+
+Adding a subcommand is one new module and one line in :data:`COMMANDS`. Bad input
+(``ValueError`` -- including :class:`~engm_opacus.checkpoints.CheckpointError` --,
+``FileNotFoundError``, ``FileExistsError``) raised by a handler is printed as
+``engm-opacus: error: ...`` and exits with status 2, like argparse's own usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+COMMANDS: List[str] = [
+    "engm_opacus.commands.train",
+    "engm_opacus.commands.eval",
+    "engm_opacus.commands.diagnose",
+]
+"""Modules of the subcommands, in the order ``--help`` lists them."""
+
+BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every module of :data:`COMMANDS` registered."""
+    parser = argparse.ArgumentParser(
+        prog="engm-opacus",
+        description="ENGM (example-normalized gradient descent with momentum) for adversarial training, on Opacus.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module_name in COMMANDS:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``), run the subcommand, return its exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except BAD_INPUT as error:
+        print(f"engm-opacus {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
