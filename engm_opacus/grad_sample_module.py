@@ -5,6 +5,11 @@ often in eval mode. Opacus's hooks would then either fail (eval mode: no activat
 captured) or silently record the attack's per-sample gradients next to the training ones.
 Here a module's backward hook does per-sample work only when the backward pass will
 accumulate into that module's parameters; otherwise it drops the activations it captured.
+
+As in Opacus, each forward is paired with one backward (last in, first out). A second,
+input-only backward over the *training* forward's graph (``retain_graph=True``, e.g. a
+gradient-norm penalty) would consume that forward's activations: run it inside
+:func:`engm_opacus.attacks.per_example_hooks_paused`.
 """
 
 from __future__ import annotations
