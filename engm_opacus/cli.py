@@ -23,6 +23,7 @@ from typing import List, Optional
 COMMANDS: List[str] = [
     "engm_opacus.commands.train",
     "engm_opacus.commands.eval",
+    "engm_opacus.commands.bench",
     "engm_opacus.commands.diagnose",
 ]
 """Modules of the subcommands, in the order ``--help`` lists them."""
