@@ -10,17 +10,10 @@ import torch
 import torch.nn.functional as F
 from models import build
 from naive import naive_per_example_grads
-from rich.console import Console
 from scipy.stats import spearmanr
 
-from engm_opacus.diagnostics import (
-    DiagnosticsConfig,
-    average_ranks,
-    gradient_stats,
-    ratios_table,
-    run_diagnostics,
-    spearman,
-)
+from engm_opacus.cli import main
+from engm_opacus.diagnostics import DiagnosticsConfig, average_ranks, gradient_stats, spearman
 from engm_opacus.losses.pgd_at import PGDAT
 
 
@@ -68,30 +61,44 @@ def test_spearman_matches_scipy_with_ties() -> None:
     torch.testing.assert_close(average_ranks(torch.tensor([3.0, 1.0, 3.0, 2.0])), torch.tensor([3.5, 1.0, 3.5, 2.0], dtype=torch.float64))
 
 
-def test_tiny_digits_run_writes_csv_png_and_ratios(tmp_path: Path) -> None:
-    config = DiagnosticsConfig(epochs=1, batch_size=16, max_train_examples=32, probe_size=16, pgd_steps=2, width=4)
-    result = run_diagnostics(tmp_path, config)
-    assert sorted(p.name for p in result.files) == sorted(
-        ["summary.csv", "per_example.csv", "ratios.csv", "gradient_norm_variance.png", "norm_correlation.png", "weights.png"]
-    )
-    for path in result.files:
-        if path.suffix == ".png":
-            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with (tmp_path / "summary.csv").open() as handle:
-        rows = list(csv.DictReader(handle))
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_tiny_digits_run_through_the_cli_writes_csv_png_and_ratios(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "300")  # rich wraps at the terminal width
+    argv = ["diagnose", "--out", str(tmp_path), "--epochs", "1", "--batch-size", "16", "--max-train-examples", "32",
+            "--probe-size", "16", "--pgd-steps", "2", "--width", "4"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "var AT/NT" in printed and "Spearman AT" in printed
+    files = ["summary.csv", "per_example.csv", "ratios.csv", "gradient_norm_variance.png", "norm_correlation.png", "weights.png"]
+    for name in files:
+        assert f"Wrote {tmp_path / name}" in printed
+    for name in files[3:]:
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = read_csv(tmp_path / "summary.csv")
     assert [(r["regime"], r["epoch"]) for r in rows] == [("NT", "0"), ("NT", "1"), ("AT", "0"), ("AT", "1")]
-    with (tmp_path / "per_example.csv").open() as handle:
-        assert sum(1 for _ in csv.DictReader(handle)) == 2 * 2 * 16
-    for ratio in result.ratios():
-        nt, at = (next(r for r in rows if r["regime"] == g and int(r["epoch"]) == ratio["epoch"]) for g in ("NT", "AT"))
-        assert ratio["norm_ratio"] == pytest.approx(float(at["mean_grad_norm"]) / float(nt["mean_grad_norm"]))
-        assert ratio["variance_ratio"] == pytest.approx(float(at["trace_covariance"]) / float(nt["trace_covariance"]))
-        assert -1 <= ratio["pearson_at"] <= 1 and -1 <= ratio["spearman_nt"] <= 1
-    # Same initialization for both regimes: at epoch 0 the NT and AT models are identical, only the loss differs.
-    assert rows[0]["mean_loss"] < rows[2]["mean_loss"]
-    console = Console(record=True, width=140)
-    console.print(ratios_table(result))
-    assert "var AT/NT" in console.export_text()
+    assert len(read_csv(tmp_path / "per_example.csv")) == 2 * 2 * 16
+    for ratio in read_csv(tmp_path / "ratios.csv"):
+        nt, at = (next(r for r in rows if r["regime"] == g and r["epoch"] == ratio["epoch"]) for g in ("NT", "AT"))
+        assert float(ratio["norm_ratio"]) == pytest.approx(float(at["mean_grad_norm"]) / float(nt["mean_grad_norm"]))
+        assert float(ratio["variance_ratio"]) == pytest.approx(float(at["trace_covariance"]) / float(nt["trace_covariance"]))
+        assert float(ratio["pearson_at"]) == pytest.approx(float(at["pearson"]))
+        assert float(ratio["spearman_nt"]) == pytest.approx(float(nt["spearman"]))
+    for row in rows:
+        assert float(row["batch_mean_variance"]) == pytest.approx(float(row["trace_covariance"]) / 16)
+    # Same initialization for both regimes: at epoch 0 the models are identical, the adversarial loss is higher.
+    assert float(rows[0]["mean_loss"]) < float(rows[2]["mean_loss"])
+
+
+def test_cli_bad_input_exits_2_with_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["diagnose", "--out", str(tmp_path / "d"), "--eps", "8"]) == 2
+    assert "eps=8/255" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
 
 
 @pytest.mark.parametrize(
