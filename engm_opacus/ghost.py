@@ -8,7 +8,8 @@ scheme with the factor replaced by ``w_i = 1/max(n_i, gamma)``
 
 1. norm pass: backward of the reduced loss (mean or sum, as the module expects) with
    Opacus's hooks on and BatchNorm statistics held constant
-   (:func:`engm_opacus.batchnorm.batch_stats_held_constant`) -> ``n_i``;
+   (:func:`engm_opacus.batchnorm.batch_stats_held_constant`) -> ``n_i``; with ghost norms
+   it differentiates w.r.t. the model's inputs only, so no parameter gradient is computed;
 2. weighted pass: backward of ``sum_i w_i l_i`` (``w_i`` detached) with hooks off and
    ordinary BatchNorm, so ``p.grad = sum_i w_i grad l_i``; ``step()`` divides by the
    number of examples ``N`` and runs the wrapped optimizer (no noise, no second
