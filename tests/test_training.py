@@ -19,6 +19,15 @@ TINY = dict(
 )
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tiny models run no faster on 2 threads, and one thread stays fast on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class Killed(Exception):
     """Stands in for the process dying right after an epoch's checkpoint was written."""
 
