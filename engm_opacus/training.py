@@ -74,8 +74,10 @@ class TrainConfig:
     a median of about 6 in epoch 1 (64% of the examples above 1), then fall to about 0.01 with
     a heavy tail: 8-20% of the examples stay above 1 in epochs 4-10. ``gamma=1`` thus
     normalizes the examples with large gradients throughout while the well-fit majority
-    enters with weight 1 (as in MSGD). ``lr=0.5`` was the better of 0.2 / 0.5 / 1.0 in a
-    10-epoch sweep; the baseline's ``0.1`` is the reference codebases' value.
+    enters with weight 1 (as in MSGD). In 10-epoch runs (seed 0, test clean / PGD-20
+    accuracy) ENGM reached 97.8% / 93.1% with ``lr=0.2`` and 98.1% / 93.6% with ``lr=0.5``;
+    MSGD 97.8% / 93.6% with ``lr=0.1`` (the reference codebases' value) and 98.3% / 94.2%
+    with ``0.05``: on digits at eps 8/255 both optimizers saturate, within a few test images.
 
     Attributes:
         dataset: ``digits`` | ``cifar10`` | ``cifar100``.
