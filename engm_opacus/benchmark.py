@@ -78,8 +78,10 @@ METRICS: Tuple[Tuple[str, str], ...] = (
     ("gap_pgd20", "best-last PGD-20"),
     ("best_epoch", "best epoch"),
     ("time_s", "train time s"),
+    ("fraction_above_gamma", "ENGM frac n_i>gamma"),
 )
-"""Per-run metrics aggregated as mean +- std: (key, table header). Accuracies are fractions."""
+"""Per-run metrics aggregated as mean +- std: (key, table header). Accuracies are fractions;
+``fraction_above_gamma`` is the last epoch's mean share of examples with ``n_i > gamma`` (ENGM only)."""
 
 GROUP_KEYS: Tuple[str, ...] = ("part", "dataset", "method", "optimizer", "lr", "weight_decay", "gamma", "epochs")
 """Columns identifying a setting; runs sharing them (differing in seed) are aggregated."""
