@@ -399,7 +399,9 @@ class InputNormENGMOptimizer(Optimizer):
         (grad,) = torch.autograd.grad(per_example_losses.sum(), x, retain_graph=True)
         return grad
 
-    def _estimate(self, input_norms: torch.Tensor, losses: torch.Tensor) -> Tuple[torch.Tensor, float, Optional[torch.Tensor], Optional[float]]:
+    def _estimate(
+        self, input_norms: torch.Tensor, losses: torch.Tensor
+    ) -> Tuple[torch.Tensor, float, Optional[torch.Tensor], Optional[float]]:
         """``(estimated norms, global s, exact norms or None, pearson or None)`` for this batch."""
         if self.calibrator is not None:
             exact = None
