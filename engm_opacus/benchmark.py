@@ -159,12 +159,13 @@ class BenchConfig:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One training run of the benchmark: its part, optimizer label, config and AutoAttack budget."""
+    """One training run of the benchmark: its part, optimizer label, config, AutoAttack budget and sweep factor."""
 
     part: str
     optimizer: str
     config: TrainConfig
     autoattack_examples: int
+    factor: float = 1.0
 
 
 def optimizer_config(base: TrainConfig, optimizer: str) -> TrainConfig:
@@ -201,7 +202,7 @@ def plan(bench: BenchConfig) -> List[RunSpec]:
             optimizer_config(base, optimizer), at_method=method, seed=seed, lr=lrs[optimizer] * lr_mult,
             weight_decay=base.weight_decay * wd_mult, gamma=base.gamma * g_mult, progress=False,
         )
-        return RunSpec(part, optimizer, config, aa)
+        return RunSpec(part, optimizer, config, aa, lr_mult * wd_mult * g_mult)
 
     aa_seeds = list(bench.seeds)[: bench.autoattack_seeds] if bench.autoattack_seeds else list(bench.seeds)
     specs = [
@@ -320,7 +321,7 @@ def run_all(bench: BenchConfig, console: Optional[Console] = None) -> List[Dict[
 
         def store(indices: List[int], row: Dict[str, Any]) -> None:
             for i in indices:
-                rows[i] = {**row, "part": specs[i].part}
+                rows[i] = {**row, "part": specs[i].part, "factor": specs[i].factor}
             progress.update(task, advance=1, description=f"{row['method']} {row['optimizer']} seed {row['seed']}")
 
         if bench.jobs == 1:
@@ -351,6 +352,7 @@ def summarize(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     summary = []
     for members in groups.values():
         out = {k: members[0][k] for k in GROUP_KEYS}
+        out["factor"] = members[0].get("factor", 1.0)
         out["seeds"] = len(members)
         out["autoattack_runs"] = sum(1 for m in members if math.isfinite(m["aa_last"]))
         for key, _ in METRICS:
@@ -364,12 +366,12 @@ def sensitivity(summary: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     out = []
     for part, axis in (("sensitivity-lr", "lr"), ("sensitivity-wd", "weight_decay")):
         for optimizer in dict.fromkeys(r["optimizer"] for r in summary if r["part"] == part):
-            points = sorted((r[axis], r["pgd20_last_mean"]) for r in summary if r["part"] == part and r["optimizer"] == optimizer)
-            values = [v for _, v in points]
+            points = sorted((r["factor"], r[axis], r["pgd20_last_mean"]) for r in summary if r["part"] == part and r["optimizer"] == optimizer)
+            values = [v for _, _, v in points]
             out.append({
                 "axis": "lr" if axis == "lr" else "weight decay",
                 "optimizer": optimizer,
-                "settings": ", ".join(f"{p:g}: {v:.1%}" for p, v in points),
+                "settings": ", ".join(f"x{f:g} ({p:g}): {v:.1%}" for f, p, v in points),
                 "spread": max(values) - min(values),
                 "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
             })
@@ -450,25 +452,30 @@ def plot_robust_over_epochs(rows: Sequence[Dict[str, Any]], path: Path) -> None:
 
 
 def plot_sweeps(summary: Sequence[Dict[str, Any]], path: Path) -> bool:
-    """Final PGD-20 (last) vs lr, weight decay and gamma (error bars = std over seeds); ``False`` if no sweep ran."""
+    """Final PGD-20 (last) vs the lr, weight-decay and gamma factors (error bars = std over seeds); ``False`` if no sweep ran."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(p, x) for p, x in (("sensitivity-lr", "lr"), ("sensitivity-wd", "weight_decay"), ("gamma", "gamma")) if any(r["part"] == p for r in summary)]
+    labels = {"sensitivity-lr": "lr / optimizer's default lr", "sensitivity-wd": "weight decay / default", "gamma": "gamma / default gamma"}
+    panels = [p for p in labels if any(r["part"] == p for r in summary)]
     if not panels:
         return False
     figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
-    for axis, (part, x) in zip(axes[0], panels):
+    for axis, part in zip(axes[0], panels):
+        factors: set = set()
         for optimizer in dict.fromkeys(r["optimizer"] for r in summary if r["part"] == part):
-            points = sorted((r[x], r["pgd20_last_mean"], r["pgd20_last_std"]) for r in summary if r["part"] == part and r["optimizer"] == optimizer)
+            points = sorted((r["factor"], r["pgd20_last_mean"], r["pgd20_last_std"]) for r in summary if r["part"] == part and r["optimizer"] == optimizer)
             xs, ys, es = zip(*points)
+            factors.update(xs)
             axis.errorbar(xs, [100 * y for y in ys], yerr=[100 * e for e in es], marker="o", capsize=3, label=optimizer)
         axis.set_xscale("log")
-        axis.set_xlabel(x.replace("_", " "))
+        axis.set_xticks(sorted(factors), [f"x{f:g}" for f in sorted(factors)])
+        axis.minorticks_off()
+        axis.set_xlabel(labels[part])
         axis.set_ylabel("test PGD-20 acc, last (%)")
-        axis.set_title(f"PGD-AT: {x.replace('_', ' ')} sweep")
+        axis.set_title(f"PGD-AT: {part.replace('sensitivity-', '')} sweep")
         axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -508,7 +515,7 @@ def report(bench: BenchConfig, rows: Sequence[Dict[str, Any]], wall_s: float, co
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(rows)
     spread = sensitivity(summary)
-    run_columns = GROUP_KEYS + ("seed",) + tuple(k for k, _ in METRICS) + ("val_gap", "fraction_above_gamma", "direction_norm")
+    run_columns = GROUP_KEYS + ("factor", "seed") + tuple(k for k, _ in METRICS) + ("val_gap", "fraction_above_gamma", "direction_norm")
     write_csv(rows, run_columns, out / "runs.csv")
     write_csv(summary, SUMMARY_COLUMNS, out / "main.csv")
     write_csv(spread, ("axis", "optimizer", "settings", "spread", "std"), out / "sensitivity.csv")
