@@ -1,6 +1,6 @@
 """Smoke tests of ``examples/``: each digits script runs end to end on a tiny budget and prints accuracy.
 
-The budget (128 training digits = one step, PGD-2, 64 test digits) checks that every script
+The budget (64 training digits = one step, PGD-1, 32 test digits) checks that every script
 runs against the current public API, not how well it trains. The CIFAR script is checked on
 its missing-files path (this machine has no CIFAR files and nothing downloads).
 """
@@ -19,8 +19,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-TINY = ["--epochs", "1", "--max-train-examples", "128", "--max-test-examples", "64", "--pgd-steps", "2", "--eval-pgd-steps", "2"]
-ACCURACY = re.compile(r"test: clean accuracy (\d\.\d{3}), PGD-2 accuracy (\d\.\d{3})")
+TINY = ["--epochs", "1", "--max-train-examples", "64", "--max-test-examples", "32", "--pgd-steps", "1", "--eval-pgd-steps", "1"]
+ACCURACY = re.compile(r"test: clean accuracy (\d\.\d{3}), PGD-1 accuracy (\d\.\d{3})")
 
 
 def run_example(name: str, *args: str) -> subprocess.CompletedProcess:
