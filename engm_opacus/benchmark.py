@@ -551,6 +551,7 @@ def run_benchmark(bench: BenchConfig, console: Optional[Console] = None) -> Dict
         if not console.is_terminal:
             console = Console(width=240)  # wide tables stay readable in logs and pipes
     console.print(budget_text(bench))
+    load_dataset(bench.base.dataset, bench.base.data_dir, split_seed=0)  # missing CIFAR files fail here, before any run
     started = time.perf_counter()
     rows = run_all(bench, console)
     result = report(bench, rows, time.perf_counter() - started, console)

@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--autoattack-examples", type=int, help="test examples for AutoAttack, 0 = off (default: 1000; quick: 16)")
     parser.add_argument("--autoattack-seeds", type=int, help="AutoAttack only for the first N seeds (default: all; quick: 1)")
     parser.add_argument("--epochs", type=int, help="training epochs (default: 30; quick: 4)")
-    parser.add_argument("--batch-size", type=int, help="mini-batch size (default: 128; quick: 64)")
+    parser.add_argument("--batch-size", type=int, help="mini-batch size (default: TrainConfig().batch_size = 32; quick: 64)")
     parser.add_argument("--max-train-examples", type=int, help="train on the first N training examples (default: all; quick: 640)")
     parser.add_argument("--max-val-examples", type=int, help="validate on the first N examples (default: all; quick: 64)")
     parser.add_argument("--max-test-examples", type=int, help="test on the first N examples (default: all; quick: 200)")
