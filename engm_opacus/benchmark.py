@@ -192,7 +192,7 @@ def run_name(spec: RunSpec) -> str:
 
 
 def plan(bench: BenchConfig) -> List[RunSpec]:
-    """Every run of the benchmark (duplicates across parts are kept once per part, trained once)."""
+    """Every run of the benchmark, seed by seed (a run shared by several parts is listed once per part, trained once)."""
     base = bench.base
     lr_engm = bench.lr_engm or DEFAULT_LR["engm"]
     lrs = {"msgd": bench.lr_msgd or DEFAULT_LR["msgd"], "engm-exact": lr_engm, "engm-cheap": lr_engm}
@@ -205,20 +205,19 @@ def plan(bench: BenchConfig) -> List[RunSpec]:
         return RunSpec(part, optimizer, config, aa, lr_mult * wd_mult * g_mult)
 
     aa_seeds = list(bench.seeds)[: bench.autoattack_seeds] if bench.autoattack_seeds else list(bench.seeds)
-    specs = [
-        spec("main", method, optimizer, seed, bench.autoattack_examples if seed in aa_seeds else 0)
-        for method in bench.methods
-        for optimizer in bench.optimizers
-        for seed in bench.seeds
-    ]
     sweep_seeds = list(bench.seeds)[: bench.sweep_seeds] if bench.sweep_seeds else list(bench.seeds)
     sweep_optimizers = [o for o in ("msgd", "engm-exact") if o in bench.optimizers]
-    for optimizer in sweep_optimizers:
-        for seed in sweep_seeds:
+    specs: List[RunSpec] = []
+    for seed in bench.seeds:  # seed-major: an interrupted benchmark has complete tables for its first seeds
+        aa = bench.autoattack_examples if seed in aa_seeds else 0
+        specs += [spec("main", method, optimizer, seed, aa) for method in bench.methods for optimizer in bench.optimizers]
+        if seed not in sweep_seeds:
+            continue
+        for optimizer in sweep_optimizers:
             specs += [spec("sensitivity-lr", "pgd-at", optimizer, seed, 0, lr_mult=m) for m in bench.lr_multipliers]
             specs += [spec("sensitivity-wd", "pgd-at", optimizer, seed, 0, wd_mult=m) for m in bench.wd_multipliers]
-    if "engm-exact" in bench.optimizers:
-        specs += [spec("gamma", "pgd-at", "engm-exact", seed, 0, g_mult=m) for seed in sweep_seeds for m in bench.gamma_multipliers]
+        if "engm-exact" in bench.optimizers:
+            specs += [spec("gamma", "pgd-at", "engm-exact", seed, 0, g_mult=m) for m in bench.gamma_multipliers]
     return specs
 
 
