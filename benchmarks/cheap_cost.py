@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
@@ -85,7 +86,7 @@ METHODS: Tuple[str, ...] = (
 
 
 def measure(steps: Dict[str, Step], repeats: int) -> Dict[str, List[float]]:
-    """Seconds per step of every method, ``repeats`` round-robin rounds after one warm-up round."""
+    """Seconds per step of every method, ``repeats`` round-robin rounds after one warm-up round (round 0)."""
     times: Dict[str, List[float]] = {name: [] for name in steps}
     for round_index in range(repeats + 1):
         for name, step in steps.items():
@@ -93,6 +94,7 @@ def measure(steps: Dict[str, Step], repeats: int) -> Dict[str, List[float]]:
             step()
             if round_index > 0:
                 times[name].append(time.perf_counter() - start)
+        print(f"round {round_index}/{repeats} done", file=sys.stderr, flush=True)
     return times
 
 
