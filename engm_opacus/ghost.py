@@ -22,12 +22,14 @@ is reduced to ``n_i`` and freed at once.
 
 from __future__ import annotations
 
+from collections import ChainMap
 from contextlib import contextmanager, nullcontext
 from functools import partial
-from typing import Any, Iterator, List, Literal, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Union
 
 import torch
 from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
+from opacus.grad_sample.conv import compute_conv_grad_sample
 from opacus.optimizers import DPOptimizerFastGradientClipping
 from opacus.utils.module_utils import trainable_parameters
 from torch import nn
@@ -39,6 +41,57 @@ from engm_opacus.per_example_norms import norms_from_grad_samples
 from engm_opacus.weights import engm_weights
 
 NormModule = Union[GradSampleModule, GradSampleModuleFastGradientClipping]
+NormSampler = Callable[[nn.Module, List[torch.Tensor], torch.Tensor], Dict[nn.Parameter, torch.Tensor]]
+
+CHUNK_ELEMENTS = 1 << 24
+"""Largest intermediate (elements) of :func:`conv2d_norm_sample` per batch chunk."""
+
+
+def conv2d_norm_sample(layer: nn.Conv2d, activations: List[torch.Tensor], backprops: torch.Tensor) -> Dict[nn.Parameter, torch.Tensor]:
+    """Per-example gradient norms of an ``nn.Conv2d``, without the whole batch's per-example gradients.
+
+    With ``a_t`` the unfolded input patch (``D = C_in k_h k_w``) and ``b_t`` the output
+    gradient (``p = C_out``) at output position ``t`` (``T`` positions), the weight gradient
+    of example ``i`` is ``G_i = sum_t b_t a_t^T``, so
+
+    .. math::
+
+        \|G_i\|_F^2 = \sum_{t,s} (a_t \cdot a_s)(b_t \cdot b_s)\quad\text{(ghost norm, } O(T^2(D+p))\text{)}
+        \quad\text{or}\quad \|G_i\|_F^2 \text{ from } G_i \text{ itself } (O(pDT)),
+
+    whichever is cheaper for the layer (``T^2 <= p D``: ghost norm, the deep layers of a
+    ResNet; else ``G_i``, the early ones), computed in batch chunks so that no intermediate
+    exceeds :data:`CHUNK_ELEMENTS` elements. Bias: ``||sum_t b_t||``. Grouped,
+    string-padded (``"same"``) and non-zero-padded convolutions use Opacus's per-example
+    gradients (``compute_conv_grad_sample``) instead.
+    """
+    x = activations[0].to(backprops.dtype)
+    if layer.groups != 1 or isinstance(layer.padding, str) or layer.padding_mode != "zeros":
+        grads = compute_conv_grad_sample(layer, activations, backprops)
+        return {p: g.flatten(1).norm(dim=1) for p, g in grads.items()}
+    batch, out_channels = backprops.shape[:2]
+    positions = backprops[0, 0].numel()
+    patch = x.shape[1] * layer.kernel_size[0] * layer.kernel_size[1]
+    ghost = positions * positions <= out_channels * patch
+    largest = max(patch * positions, positions * positions if ghost else out_channels * patch)
+    chunk = max(1, min(batch, CHUNK_ELEMENTS // largest))
+    weight_sq, bias_sq = [], []
+    for start in range(0, batch, chunk):
+        a = nn.functional.unfold(
+            x[start : start + chunk], layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride
+        )  # [b, D, T]
+        g = backprops[start : start + chunk].flatten(2)  # [b, p, T]
+        if ghost:
+            weight_sq.append((a.transpose(1, 2) @ a).mul_(g.transpose(1, 2) @ g).sum(dim=(1, 2)))
+        else:
+            weight_sq.append((g @ a.transpose(1, 2)).pow_(2).sum(dim=(1, 2)))
+        bias_sq.append(g.sum(dim=2).pow_(2).sum(dim=1))
+    norms = {}
+    if layer.weight.requires_grad:
+        norms[layer.weight] = torch.cat(weight_sq).clamp_(min=0).sqrt_()
+    if layer.bias is not None and layer.bias.requires_grad:
+        norms[layer.bias] = torch.cat(bias_sq).sqrt_()
+    return norms
 
 
 class GhostNormModule(SkipsInputOnlyBackward, GradSampleModuleFastGradientClipping):
@@ -55,7 +108,9 @@ class GhostNormModule(SkipsInputOnlyBackward, GradSampleModuleFastGradientClippi
     per-example gradients of all calls are summed (``_current_grad_sample``) and reduced
     to a norm when the last call's backward arrives, then freed. Layers called once keep
     the ghost norm. The result is the exact norm of the per-example gradient summed over
-    calls; tied parameters are handled the same way.
+    calls; tied parameters are handled the same way. ``nn.Conv2d`` layers called once
+    get :func:`conv2d_norm_sample` (Opacus 1.6 has no conv norm sampler and would
+    materialize the whole batch's per-example gradients of the layer).
 
     The norm pass needs each layer's output gradient, not the parameter gradients. So
     that it does not compute them, training-mode forwards with hooks on make their
@@ -63,6 +118,9 @@ class GhostNormModule(SkipsInputOnlyBackward, GradSampleModuleFastGradientClippi
     unchanged) and the norm pass differentiates w.r.t. those leaves only
     (:meth:`norm_pass_targets`).
     """
+
+    NORM_SAMPLERS = ChainMap({nn.Conv2d: conv2d_norm_sample}, GradSampleModuleFastGradientClipping.NORM_SAMPLERS)
+    """Opacus's norm samplers (``register_norm_sampler`` still adds to them) plus :func:`conv2d_norm_sample`."""
 
     _norm_pass_active: bool = False
 

@@ -13,6 +13,7 @@ from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from torch import nn
 
 from engm_opacus import make_engm
+from engm_opacus import ghost
 from engm_opacus.ghost import GhostNormModule, TwoPassENGMOptimizer
 from engm_opacus.losses.base import AttackResult
 from engm_opacus.losses.mart import MART
@@ -216,3 +217,26 @@ def test_nonfinite_norm_raises_or_skips(policy: str) -> None:
     optimizer.step()
     assert optimizer.last_step.skipped
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize(
+    "conv, size",
+    [
+        (nn.Conv2d(3, 8, 3, padding=1), 2),  # T^2 <= p*D: ghost norm
+        (nn.Conv2d(2, 2, 3, padding=2, dilation=2, stride=2, bias=False), 9),  # T^2 > p*D: per-example gradients
+        (nn.Conv2d(4, 4, 3, padding="same", groups=2), 5),  # Opacus's grad sampler
+    ],
+)
+def test_conv2d_norm_sample_equals_per_example_autograd(conv: nn.Conv2d, size: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ghost, "CHUNK_ELEMENTS", 1)  # one example per chunk
+    conv = conv.double()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(5, conv.in_channels, size, size, generator=generator, dtype=torch.float64)
+    backprops = torch.randn(conv(x).shape, generator=generator, dtype=torch.float64)
+    norms = ghost.conv2d_norm_sample(conv, [x], backprops)
+    for p in conv.parameters():
+        expected = torch.stack(
+            [torch.autograd.grad((conv(x[i : i + 1]) * backprops[i : i + 1]).sum(), p)[0].norm() for i in range(len(x))]
+        )
+        torch.testing.assert_close(norms[p], expected, rtol=0, atol=1e-10)
+    assert set(norms) == set(conv.parameters())
