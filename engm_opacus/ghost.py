@@ -43,8 +43,8 @@ from engm_opacus.weights import engm_weights
 NormModule = Union[GradSampleModule, GradSampleModuleFastGradientClipping]
 NormSampler = Callable[[nn.Module, List[torch.Tensor], torch.Tensor], Dict[nn.Parameter, torch.Tensor]]
 
-CHUNK_ELEMENTS = 1 << 24
-"""Largest intermediate (elements) of :func:`conv2d_norm_sample` per batch chunk."""
+CHUNK_ELEMENTS = 1 << 16
+"""Floor of the per-chunk budget of :func:`conv2d_norm_sample` (elements); the budget is the larger of this and the layer's input size."""
 
 
 def conv2d_norm_sample(layer: nn.Conv2d, activations: List[torch.Tensor], backprops: torch.Tensor) -> Dict[nn.Parameter, torch.Tensor]:
@@ -61,7 +61,8 @@ def conv2d_norm_sample(layer: nn.Conv2d, activations: List[torch.Tensor], backpr
 
     whichever is cheaper for the layer (``T^2 <= p D``: ghost norm, the deep layers of a
     ResNet; else ``G_i``, the early ones), computed in batch chunks so that no intermediate
-    exceeds :data:`CHUNK_ELEMENTS` elements. Bias: ``||sum_t b_t||``. Grouped,
+    is larger than the layer's input ``x`` (or :data:`CHUNK_ELEMENTS` elements, if more): the
+    extra memory is about one activation of one layer at a time. Bias: ``||sum_t b_t||``. Grouped,
     string-padded (``"same"``) and non-zero-padded convolutions use Opacus's per-example
     gradients (``compute_conv_grad_sample``) instead.
     """
@@ -74,7 +75,7 @@ def conv2d_norm_sample(layer: nn.Conv2d, activations: List[torch.Tensor], backpr
     patch = x.shape[1] * layer.kernel_size[0] * layer.kernel_size[1]
     ghost = positions * positions <= out_channels * patch
     largest = max(patch * positions, positions * positions if ghost else out_channels * patch)
-    chunk = max(1, min(batch, CHUNK_ELEMENTS // largest))
+    chunk = max(1, min(batch, max(CHUNK_ELEMENTS, x.numel()) // largest))
     weight_sq, bias_sq = [], []
     for start in range(0, batch, chunk):
         a = nn.functional.unfold(

@@ -228,7 +228,7 @@ def test_nonfinite_norm_raises_or_skips(policy: str) -> None:
     ],
 )
 def test_conv2d_norm_sample_equals_per_example_autograd(conv: nn.Conv2d, size: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ghost, "CHUNK_ELEMENTS", 1)  # one example per chunk
+    monkeypatch.setattr(ghost, "CHUNK_ELEMENTS", 1)  # chunks of at most x.numel() elements: several per batch
     conv = conv.double()
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(5, conv.in_channels, size, size, generator=generator, dtype=torch.float64)
