@@ -54,10 +54,8 @@ def conv2d_norm_sample(layer: nn.Conv2d, activations: List[torch.Tensor], backpr
     gradient (``p = C_out``) at output position ``t`` (``T`` positions), the weight gradient
     of example ``i`` is ``G_i = sum_t b_t a_t^T``, so
 
-    .. math::
-
-        \|G_i\|_F^2 = \sum_{t,s} (a_t \cdot a_s)(b_t \cdot b_s)\quad\text{(ghost norm, } O(T^2(D+p))\text{)}
-        \quad\text{or}\quad \|G_i\|_F^2 \text{ from } G_i \text{ itself } (O(pDT)),
+    ``||G_i||_F^2 = sum_{t,s} (a_t . a_s)(b_t . b_s)`` (the ghost norm, cost ``O(T^2 (D + p))``)
+    or ``||G_i||_F^2`` from ``G_i`` itself (cost ``O(p D T)``),
 
     whichever is cheaper for the layer (``T^2 <= p D``: ghost norm, the deep layers of a
     ResNet; else ``G_i``, the early ones), computed in batch chunks so that no intermediate
