@@ -155,7 +155,7 @@ def test_error_table_reads_fstrings_concatenation_and_returned_exceptions(tmp_pa
 
 
 def test_rst_math_and_roles_become_markdown() -> None:
-    rst_to_markdown = load_hook("griffe_rst").rst_to_markdown
+    rst_to_markdown = load_hook("rst_markdown").rst_to_markdown
     text = (
         "Weights.\n\n.. math::\n\n    w_i = \\frac{1}{\\max(n_i, \\gamma)} \\\\\n    d = w g\n\n"
         "See :func:`engm_opacus.step.train_step` and :class:`~engm_opacus.optimizer.ENGMOptimizer`."
@@ -164,3 +164,55 @@ def test_rst_math_and_roles_become_markdown() -> None:
         "Weights.\n\n```latex\nw_i = \\frac{1}{\\max(n_i, \\gamma)} \\\\\nd = w g\n```\n\n"
         "See `engm_opacus.step.train_step` and `ENGMOptimizer`."
     )
+
+
+# Public objects still without a docstring, reported to their owners: the API reference shows
+# them without a description. New undocumented public objects fail the test below; remove an
+# entry here once its docstring exists.
+KNOWN_UNDOCUMENTED = {
+    "engm_opacus.grad_sample_module.SkipsInputOnlyBackward.capture_backprops_hook",
+    "engm_opacus.evaluation.CastInput.forward",
+    "engm_opacus.models.SmallCNN.forward",
+    "engm_opacus.models.PreActBlock.forward",
+    "engm_opacus.models.PreActResNet18.forward",
+    "engm_opacus.models.WideBasicBlock.forward",
+    "engm_opacus.models.WideResNet.forward",
+    "engm_opacus.losses.base.PerturbsWeights.restore_weights",
+}
+
+
+def undocumented_public_objects() -> set:
+    """Modules, and public classes, functions and methods defined in the package, without a docstring."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import engm_opacus
+
+    missing = set()
+    for info in pkgutil.walk_packages(engm_opacus.__path__, "engm_opacus."):
+        if info.name.endswith(".__main__"):  # importing it runs the command line
+            continue
+        module = importlib.import_module(info.name)
+        if not (module.__doc__ or "").strip():
+            missing.add(info.name)
+        for name, obj in vars(module).items():
+            if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+                continue
+            if inspect.isfunction(obj) and not (obj.__doc__ or "").strip():
+                missing.add(f"{info.name}.{name}")
+            if inspect.isclass(obj):
+                if not (obj.__doc__ or "").strip():
+                    missing.add(f"{info.name}.{name}")
+                for member_name, member in vars(obj).items():
+                    function = member.fget if isinstance(member, property) else getattr(member, "__func__", member)
+                    if member_name.startswith("_") or not inspect.isfunction(function):
+                        continue
+                    if not (function.__doc__ or "").strip():
+                        missing.add(f"{info.name}.{name}.{member_name}")
+    return missing
+
+
+def test_every_public_function_and_class_has_a_docstring() -> None:
+    new = undocumented_public_objects() - KNOWN_UNDOCUMENTED
+    assert not new, f"public objects without a docstring (the API reference is built from them): {sorted(new)}"

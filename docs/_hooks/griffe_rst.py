@@ -1,54 +1,28 @@
-"""Griffe extension: render the reST bits of the library's docstrings as Markdown.
+"""Griffe extension: apply ``rst_markdown.rst_to_markdown`` to every docstring before mkdocstrings renders it.
 
-The docstrings are Google style with a few reST constructs that Markdown would show
-verbatim. This extension rewrites each docstring before mkdocstrings renders it:
-
-* ``.. math::`` followed by an indented block becomes a fenced ``latex`` code block
-  (the site has no math renderer offline, so the formula is shown as LaTeX source);
-* Sphinx roles ``:func:`a.b.c``` / ``:class:`~a.b.C``` become code spans
-  (``a.b.c`` / ``C``: a leading ``~`` keeps the last component, as in Sphinx).
+See ``rst_markdown.py`` for what is rewritten. The conversion lives there, free of griffe, so
+that the test-suite can check it without the docs dependencies installed.
 """
 
 from __future__ import annotations
 
-import re
-import textwrap
-from typing import Any, List
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
 
 import griffe
 
-ROLE = re.compile(r":(?:py:)?(?:func|class|meth|mod|attr|data|exc|obj|const):`(~?)([^`<>]+?)`")
-MATH = re.compile(r"^(\s*)\.\. math::\s*$")
+
+def _load_rst_markdown():
+    spec = importlib.util.spec_from_file_location("rst_markdown", Path(__file__).with_name("rst_markdown.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
-def replace_role(match: re.Match) -> str:
-    tilde, target = match.group(1), match.group(2).strip()
-    return f"`{target.rsplit('.', 1)[-1] if tilde else target}`"
-
-
-def rst_to_markdown(text: str) -> str:
-    """Rewrite ``.. math::`` blocks as fenced ``latex`` blocks and Sphinx roles as code spans."""
-    lines = text.splitlines()
-    out: List[str] = []
-    i = 0
-    while i < len(lines):
-        math = MATH.match(lines[i])
-        if not math:
-            out.append(ROLE.sub(replace_role, lines[i]))
-            i += 1
-            continue
-        indent = math.group(1)
-        j = i + 1
-        block: List[str] = []
-        while j < len(lines) and (not lines[j].strip() or len(lines[j]) - len(lines[j].lstrip()) > len(indent)):
-            block.append(lines[j])
-            j += 1
-        while block and not block[-1].strip():
-            block.pop()
-        body = textwrap.dedent("\n".join(block)).strip("\n")
-        out += [f"{indent}```latex", *(indent + line for line in body.splitlines()), f"{indent}```", ""]
-        i = j
-    return "\n".join(out)
+rst_to_markdown = _load_rst_markdown().rst_to_markdown
 
 
 class RstToMarkdown(griffe.Extension):
