@@ -13,11 +13,14 @@ One PGD-AT training step (attack included: ``engm_opacus.step.train_step``) for:
 PreAct ResNet-18 of reduced width (BatchNorm unless stated), CIFAR-shaped random input
 (``3x32x32``; speed does not depend on pixel values). The methods are timed round-robin,
 one step each per round, so that load from other processes on a shared machine hits all of
-them alike; each row is the median over ``--repeats`` rounds after one warm-up round.
+them alike; each row is the median over ``--repeats`` rounds after one warm-up round, in
+wall-clock time and in process CPU time (less disturbed by other processes). The FLOP
+column counts one step's matmul/convolution operations (``torch.utils.flop_counter``):
+a load-independent measure of the extra work.
 
 Usage::
 
-    python benchmarks/cheap_cost.py --threads 2 --width 16 --batch-size 128 --repeats 7
+    python benchmarks/cheap_cost.py --threads 2 --width 8 --batch-size 64 --repeats 7
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from typing import Callable, Dict, List, Tuple
 import torch
 from rich.console import Console
 from rich.table import Table
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from engm_opacus import make_engm
 from engm_opacus.losses.pgd_at import PGDAT
@@ -85,17 +90,55 @@ METHODS: Tuple[str, ...] = (
 )
 
 
-def measure(steps: Dict[str, Step], repeats: int) -> Dict[str, List[float]]:
-    """Seconds per step of every method, ``repeats`` round-robin rounds after one warm-up round (round 0)."""
-    times: Dict[str, List[float]] = {name: [] for name in steps}
+class FlopCount(TorchDispatchMode):
+    """Sums ``torch.utils.flop_counter``'s per-op formulas (matmuls, convolutions) over every op run.
+
+    ``FlopCounterMode`` itself is not used: its module tracker installs backward hooks that
+    ``torch.autograd.grad`` w.r.t. a leaf input (every PGD step) refuses.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def count_flops(step: Step) -> float:
+    """Floating-point operations of one step (``nan`` where an op cannot be traced, e.g. under vmap)."""
+    counter = FlopCount()
+    try:
+        with counter:
+            step()
+    except RuntimeError:
+        return float("nan")
+    return float(counter.total)
+
+
+def measure(steps: Dict[str, Step], repeats: int) -> Tuple[Dict[str, List[float]], Dict[str, List[float]]]:
+    """Wall-clock and process-CPU seconds per step of every method.
+
+    ``repeats`` round-robin rounds after one warm-up round (round 0). Process CPU time
+    (all threads of this process) is less disturbed by other processes on a shared
+    machine than wall-clock time, which also counts the time spent waiting for a core.
+    """
+    wall: Dict[str, List[float]] = {name: [] for name in steps}
+    cpu: Dict[str, List[float]] = {name: [] for name in steps}
     for round_index in range(repeats + 1):
         for name, step in steps.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             step()
             if round_index > 0:
-                times[name].append(time.perf_counter() - start)
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
         print(f"round {round_index}/{repeats} done", file=sys.stderr, flush=True)
-    return times
+    return wall, cpu
 
 
 def main(argv: List[str] | None = None) -> None:
@@ -114,9 +157,10 @@ def main(argv: List[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     steps = {m: setup(m, args.width, args.batch_size, args.pgd_steps, device, args.seed) for m in METHODS}
-    times = measure(steps, args.repeats)
+    flops = {name: count_flops(step) for name, step in steps.items()}
+    times, cpu_times = measure(steps, args.repeats)
     medians = {name: statistics.median(values) for name, values in times.items()}
-    base, base_group = medians["MSGD-AT"], medians["MSGD-AT (GroupNorm)"]
+    cpu_medians = {name: statistics.median(values) for name, values in cpu_times.items()}
     where = f"{args.device}, {torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
     table = Table(
         title=(
@@ -124,22 +168,28 @@ def main(argv: List[str] | None = None) -> None:
             f"3x32x32, {where}; median of {args.repeats}"
         )
     )
-    for header in ("method", "median s/step", "min", "max", "x MSGD-AT (BN)", "x MSGD-AT (GN)"):
+    headers = ("method", "wall s/step (min-max)", "wall ratio", "CPU s/step", "CPU ratio", "GFLOP", "FLOP ratio")
+    for header in headers:
         table.add_column(header, justify="right" if header != "method" else "left")
     for name in METHODS:
-        group = name.endswith("(GroupNorm)")
+        base = "MSGD-AT (GroupNorm)" if name.endswith("(GroupNorm)") else "MSGD-AT"
         table.add_row(
             name,
-            f"{medians[name]:.3f}",
-            f"{min(times[name]):.3f}",
-            f"{max(times[name]):.3f}",
-            f"{medians[name] / base:.3f}x",
-            f"{medians[name] / base_group:.3f}x" if group else "",
+            f"{medians[name]:.3f} ({min(times[name]):.2f}-{max(times[name]):.2f})",
+            f"{medians[name] / medians[base]:.3f}x",
+            f"{cpu_medians[name]:.3f}",
+            f"{cpu_medians[name] / cpu_medians[base]:.3f}x",
+            f"{flops[name] / 1e9:.2f}",
+            f"{flops[name] / flops[base]:.3f}x",
         )
     Console().print(table)
+    Console().print("Ratios are to MSGD-AT on the same normalization (BatchNorm, or GroupNorm for the last two rows).")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "times": times}, indent=2))
+        args.json.write_text(json.dumps(
+                {"args": {k: str(v) for k, v in vars(args).items()}, "wall": times, "cpu": cpu_times, "flops": flops},
+                indent=2,
+            ))
 
 
 if __name__ == "__main__":
