@@ -19,15 +19,6 @@ TINY = dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tiny models run no faster on 2 threads, and one thread stays fast on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Killed(Exception):
     """Stands in for the process dying right after an epoch's checkpoint was written."""
 
@@ -104,8 +95,10 @@ def test_logs_checkpoints_and_result(tmp_path: Path) -> None:
     assert {"clean_acc", "pgd_acc"} <= result.test_best.keys()
 
 
-def test_msgd_baseline_uses_plain_sgd(tmp_path: Path) -> None:
-    result = train(TrainConfig(epochs=1, optimizer="msgd", out_dir=str(tmp_path), **TINY))
+def test_msgd_baseline_uses_plain_sgd_and_threads_are_restored(tmp_path: Path) -> None:
+    threads = torch.get_num_threads()
+    result = train(TrainConfig(epochs=1, optimizer="msgd", threads=1, out_dir=str(tmp_path), **TINY))
+    assert torch.get_num_threads() == threads
     assert result.config.lr == 0.1
     assert not any(key.startswith("engm_") for key in result.history[0])
 

@@ -81,6 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     _add(run, "--seed", "seed of initialization, data order and attacks", int)
     _add(run, "--device", "device", str, choices=DEVICES)
+    _add(run, "--threads", "CPU threads for torch (the small default model is fastest on 1)", int)
     _add(run, "--out-dir", "run folder (None: runs/<UTC time>-<dataset>-<optimizer>-<at-method>)", str)
     _add(run, "--resume", "continue the run of this checkpoint (its config is the base)", str)
     _add(run, "--overwrite", "allow a fresh run in an --out-dir that already has checkpoints", action="store_true")
