@@ -103,6 +103,10 @@ def make_engm(
         ``(ENGMGradSampleModule, ENGMOptimizer)``. The model is an Opacus ``GradSampleModule``
         whose hooks ignore backward passes that do not reach the parameters, so an attack
         that differentiates w.r.t. the input (in train or eval mode) can run through it.
+        With ``grad_sample_mode="ghost"`` the model is a
+        :class:`~engm_opacus.ghost.GhostNormModule` (same attack behaviour); with ``"ghost"``
+        or a BatchNorm model the optimizer is a
+        :class:`~engm_opacus.ghost.TwoPassENGMOptimizer` (an ``ENGMOptimizer``).
 
     Raises:
         ValueError: bad ``gamma``, unknown mode, or layers without per-example gradients.
