@@ -82,7 +82,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "eval",
         help="clean, PGD-20 and AutoAttack accuracy of a checkpoint on the test split",
-        description=__doc__.split("\n\n")[1],
+        description=(
+            "Clean, PGD and AutoAttack accuracy of a checkpoint on its dataset's test split. Model, dataset and "
+            "threat model come from the checkpoint; options override them. AutoAttack is torchattacks' "
+            "(version 'standard'); the original auto-attack package is not on PyPI."
+        ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="best.pt or last.pt written by engm-opacus train")

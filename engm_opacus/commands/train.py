@@ -46,7 +46,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "train",
         help="adversarially train a model with ENGM or MSGD",
-        description=__doc__.split("\n\n")[1],
+        description=(
+            "Adversarially train a model. Without options: small CNN, PGD-AT (eps 8/255), ENGM, on the embedded "
+            "digits set. Options override single settings; with --resume CHECKPOINT the checkpoint's settings are "
+            "the base and only the options given override them."
+        ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     data = parser.add_argument_group("data and model")
