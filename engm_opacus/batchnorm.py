@@ -215,18 +215,21 @@ def held_stats_batchnorm_grad_sample(
 
     With ``x_hat = (x - mean) / sqrt(var + eps)`` (biased batch statistics of this call's
     input ``x``), and ``b_i`` the gradient of ``l_i`` w.r.t. the layer output:
-    ``grad weight_i = sum_spatial b_i * x_hat_i`` and ``grad bias_i = sum_spatial b_i``.
+    ``grad weight_i = sum_spatial b_i * x_hat_i = invstd * (sum_spatial b_i * x_i - mean * sum_spatial b_i)``
+    and ``grad bias_i = sum_spatial b_i``; computed in that second form, by reductions, so no
+    temporary of the activation's size is allocated.
     """
     x = activations[0].to(backprops.dtype)
     reduce_dims = [0] + list(range(2, x.dim()))
-    mean = x.mean(dim=reduce_dims, keepdim=True)
-    var = x.var(dim=reduce_dims, unbiased=False, keepdim=True)
-    x_hat = (x - mean) * torch.rsqrt(var + layer.eps)
+    var, mean = torch.var_mean(x, dim=reduce_dims, unbiased=False)
+    b = backprops.reshape(len(x), x.shape[1], -1)
+    b_sum = b.sum(dim=2)
     grads: Dict[nn.Parameter, torch.Tensor] = {}
     if layer.weight is not None and layer.weight.requires_grad:
-        grads[layer.weight] = (backprops * x_hat).reshape(len(x), x.shape[1], -1).sum(dim=2)
+        b_x = torch.einsum("ncs,ncs->nc", b, x.reshape(b.shape))
+        grads[layer.weight] = (b_x - mean * b_sum) * torch.rsqrt(var + layer.eps)
     if layer.bias is not None and layer.bias.requires_grad:
-        grads[layer.bias] = backprops.reshape(len(x), x.shape[1], -1).sum(dim=2)
+        grads[layer.bias] = b_sum
     return grads
 
 

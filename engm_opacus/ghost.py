@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Union
 import torch
 from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
 from opacus.grad_sample.conv import compute_conv_grad_sample
+from opacus.grad_sample.group_norm import compute_group_norm_grad_sample
 from opacus.optimizers import DPOptimizerFastGradientClipping
 from opacus.utils.module_utils import trainable_parameters
 from torch import nn
@@ -85,12 +86,31 @@ def conv2d_norm_sample(layer: nn.Conv2d, activations: List[torch.Tensor], backpr
         else:
             weight_sq.append((g @ a.transpose(1, 2)).pow_(2).sum(dim=(1, 2)))
         bias_sq.append(g.sum(dim=2).pow_(2).sum(dim=1))
-    norms = {}
+    norms: Dict[nn.Parameter, torch.Tensor] = {}
     if layer.weight.requires_grad:
         norms[layer.weight] = torch.cat(weight_sq).clamp_(min=0).sqrt_()
     if layer.bias is not None and layer.bias.requires_grad:
         norms[layer.bias] = torch.cat(bias_sq).sqrt_()
     return norms
+
+
+def group_norm_norm_sample(
+    layer: nn.GroupNorm, activations: List[torch.Tensor], backprops: torch.Tensor
+) -> Dict[nn.Parameter, torch.Tensor]:
+    """Per-example gradient norms of an ``nn.GroupNorm``: Opacus's per-example gradients, in batch chunks.
+
+    GroupNorm normalizes each example by its own statistics, so chunks of the batch give
+    the same per-example gradients; a chunk's temporaries are about an eighth of the layer's
+    input (or :data:`CHUNK_ELEMENTS` elements, if more) instead of twice the whole input.
+    """
+    x = activations[0]
+    chunk = max(1, max(CHUNK_ELEMENTS, x.numel() // 8) // max(1, x[0].numel()))
+    norms: Dict[nn.Parameter, List[torch.Tensor]] = {}
+    for start in range(0, len(x), chunk):
+        grads = compute_group_norm_grad_sample(layer, [x[start : start + chunk]], backprops[start : start + chunk])
+        for p, g in grads.items():
+            norms.setdefault(p, []).append(g.norm(dim=1))
+    return {p: torch.cat(parts) for p, parts in norms.items()}
 
 
 class GhostNormModule(SkipsInputOnlyBackward, GradSampleModuleFastGradientClipping):
@@ -118,8 +138,11 @@ class GhostNormModule(SkipsInputOnlyBackward, GradSampleModuleFastGradientClippi
     (:meth:`norm_pass_targets`).
     """
 
-    NORM_SAMPLERS = ChainMap({nn.Conv2d: conv2d_norm_sample}, GradSampleModuleFastGradientClipping.NORM_SAMPLERS)
-    """Opacus's norm samplers (``register_norm_sampler`` still adds to them) plus :func:`conv2d_norm_sample`."""
+    NORM_SAMPLERS = ChainMap(
+        {nn.Conv2d: conv2d_norm_sample, nn.GroupNorm: group_norm_norm_sample},
+        GradSampleModuleFastGradientClipping.NORM_SAMPLERS,
+    )
+    """Opacus's norm samplers (``register_norm_sampler`` still adds to them), :func:`conv2d_norm_sample`, :func:`group_norm_norm_sample`."""
 
     _norm_pass_active: bool = False
 

@@ -240,3 +240,18 @@ def test_conv2d_norm_sample_equals_per_example_autograd(conv: nn.Conv2d, size: i
         )
         torch.testing.assert_close(norms[p], expected, rtol=0, atol=1e-10)
     assert set(norms) == set(conv.parameters())
+
+
+def test_group_norm_norm_sample_in_chunks_equals_per_example_autograd(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ghost, "CHUNK_ELEMENTS", 1)  # chunks of len(x) // 8 examples
+    torch.manual_seed(0)
+    layer = nn.GroupNorm(2, 4).double()
+    nn.init.uniform_(layer.weight, 0.5, 1.5)
+    x = torch.randn(17, 4, 3, 3, dtype=torch.float64)
+    backprops = torch.randn(x.shape, dtype=torch.float64)
+    norms = ghost.group_norm_norm_sample(layer, [x], backprops)
+    for p in layer.parameters():
+        expected = torch.stack(
+            [torch.autograd.grad((layer(x[i : i + 1]) * backprops[i : i + 1]).sum(), p)[0].norm() for i in range(len(x))]
+        )
+        torch.testing.assert_close(norms[p], expected, rtol=0, atol=1e-10)
