@@ -68,6 +68,7 @@ class SmallCNN(nn.Module):
         self.head = nn.Linear(previous * SMALL_CNN_POOL**2, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Logits ``[B, num_classes]`` of images ``[B, in_channels, H, W]``."""
         return self.head(self.pool(self.features(x)).flatten(1))
 
 
@@ -87,6 +88,7 @@ class PreActBlock(nn.Module):
             self.shortcut = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``conv2(relu(bn2(conv1(relu(bn1(x)))))) + shortcut``, the shortcut taken after the first activation."""
         out = F.relu(self.bn1(x))
         shortcut = self.shortcut(out) if self.shortcut is not None else x
         out = self.conv1(out)
@@ -114,6 +116,7 @@ class PreActResNet18(nn.Module):
         self.linear = nn.Linear(in_planes, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Logits ``[B, num_classes]`` of images ``[B, in_channels, H, W]``."""
         out = F.relu(self.bn(self.layers(self.conv1(x))))
         return self.linear(self.pool(out).flatten(1))
 
@@ -138,6 +141,7 @@ class WideBasicBlock(nn.Module):
             self.shortcut = nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        """``conv2(dropout(relu(bn2(conv1(a))))) + shortcut`` with ``a = relu(bn1(x))``."""
         activated = F.relu(self.bn1(x))
         out = F.relu(self.bn2(self.conv1(activated)))
         if self.drop_rate > 0:
@@ -194,6 +198,7 @@ class WideResNet(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Logits ``[B, num_classes]`` of images ``[B, in_channels, H, W]``."""
         out = F.relu(self.bn(self.blocks(self.conv1(x))))
         return self.fc(self.pool(out).flatten(1))
 
