@@ -11,7 +11,9 @@ the best model are evaluated on the test split (clean and PGD-``test_pgd_steps``
 
 Resume (``resume=PATH``) restores model, optimizer (momentum buffers), scheduler, all
 RNG states and the data-order generator from a checkpoint, so a run interrupted after
-epoch ``k`` and resumed ends bit-identical on CPU to an uninterrupted one.
+epoch ``k`` and resumed ends bit-identical on CPU (same thread count) to an uninterrupted
+one. Checkpoints are written at epoch ends only: a run killed in the middle of epoch
+``k + 1`` resumes from ``last.pt`` of epoch ``k`` and redoes that epoch identically.
 
 The defaults are this library's choice for the embedded digits set on a CPU (they are
 not taken from the ENGM paper): see :class:`TrainConfig`.
