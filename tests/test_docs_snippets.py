@@ -172,11 +172,6 @@ def test_rst_math_and_roles_become_markdown() -> None:
 KNOWN_UNDOCUMENTED = {
     "engm_opacus.grad_sample_module.SkipsInputOnlyBackward.capture_backprops_hook",
     "engm_opacus.evaluation.CastInput.forward",
-    "engm_opacus.models.SmallCNN.forward",
-    "engm_opacus.models.PreActBlock.forward",
-    "engm_opacus.models.PreActResNet18.forward",
-    "engm_opacus.models.WideBasicBlock.forward",
-    "engm_opacus.models.WideResNet.forward",
     "engm_opacus.losses.base.PerturbsWeights.restore_weights",
 }
 
