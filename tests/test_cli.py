@@ -45,7 +45,7 @@ def test_eval_writes_json_and_table(run_dir: Path, capsys: pytest.CaptureFixture
     assert results["examples"] == 12 and results["pgd_steps"] == 20 and results["autoattack_acc"] is None
     assert results["eps"] == pytest.approx(8 / 255) and 0.0 <= results["pgd_acc"] <= results["clean_acc"]
     printed = capsys.readouterr().out
-    assert "PGD-20 acc" in printed and "skipped" in printed
+    assert "PGD-20 acc" in printed and "skipped" in printed and "8/255" in printed
 
 
 def test_eval_with_autoattack_default_output(run_dir: Path) -> None:

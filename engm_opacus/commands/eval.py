@@ -21,7 +21,7 @@ from engm_opacus.checkpoints import atomic_write_text
 from engm_opacus.commands.train import number
 from engm_opacus.data import limit, load_dataset, make_loader
 from engm_opacus.evaluation import evaluate
-from engm_opacus.training import DEVICES, load_trained_model, resolve_device, torch_threads
+from engm_opacus.training import DEVICES, format_eps, load_trained_model, resolve_device, torch_threads
 
 
 def evaluate_checkpoint(
@@ -113,7 +113,7 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     output = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".eval.json")
     atomic_write_text(json.dumps(results, indent=2) + "\n", output)
-    table = Table(title=f"{results['checkpoint']} (epoch {results['epoch']}) on {results['dataset']} test, {results['examples']} examples, eps {results['eps']:.4g}")
+    table = Table(title=f"{results['checkpoint']} (epoch {results['epoch']}) on {results['dataset']} test, {results['examples']} examples, eps {format_eps(results['eps'])}")
     table.add_column("clean acc", justify="right")
     table.add_column(f"PGD-{results['pgd_steps']} acc", justify="right")
     table.add_column("AutoAttack acc", justify="right")
