@@ -31,6 +31,7 @@ class CastInput(nn.Module):
         self.dtype = dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of ``x`` computed in ``self.dtype``, returned in ``x``'s dtype."""
         return self.model(x.to(self.dtype)).to(x.dtype)
 
 

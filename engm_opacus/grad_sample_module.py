@@ -50,6 +50,7 @@ class SkipsInputOnlyBackward:
     """
 
     def capture_backprops_hook(self, module: nn.Module, *args: Any, **kwargs: Any) -> None:
+        """Opacus's backward hook, run only when this backward reaches ``module``'s parameters."""
         if not self.hooks_enabled or not getattr(module, "activations", None):
             return
         if not backward_reaches_parameters(module):

@@ -64,7 +64,9 @@ class PerturbsWeights(Protocol):
     ``optimizer.step()`` and ``optimizer.zero_grad()``.
     """
 
-    def restore_weights(self) -> None: ...
+    def restore_weights(self) -> None:
+        """Undo the perturbation ``v`` while keeping the step: ``W <- W_0 + (W - W_perturbed)``."""
+        ...
 
 
 @dataclass
