@@ -166,16 +166,6 @@ def test_rst_math_and_roles_become_markdown() -> None:
     )
 
 
-# Public objects still without a docstring, reported to their owners: the API reference shows
-# them without a description. New undocumented public objects fail the test below; remove an
-# entry here once its docstring exists.
-KNOWN_UNDOCUMENTED = {
-    "engm_opacus.grad_sample_module.SkipsInputOnlyBackward.capture_backprops_hook",
-    "engm_opacus.evaluation.CastInput.forward",
-    "engm_opacus.losses.base.PerturbsWeights.restore_weights",
-}
-
-
 def undocumented_public_objects() -> set:
     """Modules, and public classes, functions and methods defined in the package, without a docstring."""
     import importlib
@@ -209,5 +199,5 @@ def undocumented_public_objects() -> set:
 
 
 def test_every_public_function_and_class_has_a_docstring() -> None:
-    new = undocumented_public_objects() - KNOWN_UNDOCUMENTED
-    assert not new, f"public objects without a docstring (the API reference is built from them): {sorted(new)}"
+    missing = sorted(undocumented_public_objects())
+    assert not missing, f"public objects without a docstring (the API reference is built from them): {missing}"
