@@ -67,6 +67,7 @@ from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
 from opacus.grad_sample import GradSampleModule
+from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.optim import Optimizer
 
@@ -244,7 +245,7 @@ def validate_source(source: str) -> InputGradSource:
     return source  # type: ignore[return-value]
 
 
-class InputNormENGMOptimizer(Optimizer):
+class InputNormENGMOptimizer(DPOptimizer):
     """Cheap ENGM: ``w_i = 1/max(s ||grad_x l_i||, gamma)``, one weighted backward, then the wrapped step.
 
     Use its :meth:`backward` seam instead of ``loss.backward()``::
@@ -289,8 +290,12 @@ class InputNormENGMOptimizer(Optimizer):
         on_nonfinite: NonFinitePolicy = "raise",
     ):
         require_torch_optimizer(optimizer)
-        self.original_optimizer = optimizer
-        self._gamma = validate_gamma(gamma)
+        # DPOptimizer forwards param_groups/state/defaults/params to the wrapped optimizer;
+        # loss_reduction="sum": this class divides by the actual number of examples itself.
+        super().__init__(
+            optimizer, noise_multiplier=0.0, max_grad_norm=validate_gamma(gamma),
+            expected_batch_size=None, loss_reduction="sum",
+        )
         self.source: InputGradSource = validate_source(source)
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}.")
@@ -313,46 +318,18 @@ class InputNormENGMOptimizer(Optimizer):
         self._examples = 0
         self._pending: List[InputNormStepStats] = []
 
-    # -- forwarding to the wrapped optimizer, as Opacus's DPOptimizer does ---------------
-    @property
-    def param_groups(self) -> List[dict]:  # type: ignore[override]
-        """The wrapped optimizer's parameter groups (LR schedulers edit these)."""
-        return self.original_optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, groups: List[dict]) -> None:
-        self.original_optimizer.param_groups = groups
-
-    @property
-    def state(self) -> Any:  # type: ignore[override]
-        """The wrapped optimizer's state (momentum buffers)."""
-        return self.original_optimizer.state
-
-    @state.setter
-    def state(self, state: Any) -> None:
-        self.original_optimizer.state = state
-
-    @property
-    def defaults(self) -> dict:  # type: ignore[override]
-        """The wrapped optimizer's defaults."""
-        return self.original_optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, defaults: dict) -> None:
-        self.original_optimizer.defaults = defaults
-
     def __repr__(self) -> str:
         return f"InputNormENGMOptimizer(gamma={self.gamma}, source={self.source!r}, {self.original_optimizer!r})"
 
     # -- ENGM ---------------------------------------------------------------------------
     @property
     def gamma(self) -> float:
-        """The normalization floor."""
-        return self._gamma
+        """The normalization floor (Opacus's ``max_grad_norm``)."""
+        return self.max_grad_norm
 
     @gamma.setter
     def gamma(self, value: float) -> None:
-        self._gamma = validate_gamma(value)
+        self.max_grad_norm = validate_gamma(value)
 
     @property
     def needs_input_grad(self) -> bool:
@@ -366,10 +343,6 @@ class InputNormENGMOptimizer(Optimizer):
             return float("nan") if self.calibrator.scale is None else self.calibrator.scale
         return float("nan") if callable(self._scale) else float(self._scale)
 
-    @property
-    def params(self) -> List[torch.Tensor]:
-        """Every parameter the wrapped optimizer trains."""
-        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
     def input_grad(
         self,
