@@ -20,9 +20,9 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from engm_opacus.batchnorm import convert_batchnorm, has_batchnorm, layers_with_unsupported_buffers
-from engm_opacus.ghost import GhostNormModule, TwoPassENGMOptimizer, ghost_module
+from engm_opacus.cheap import InputGradSource, InputNormENGMOptimizer, ScaleHook, make_input_norm_engm
+from engm_opacus.ghost import TwoPassENGMOptimizer, ghost_module
 from engm_opacus.grad_sample_module import ENGMGradSampleModule
-from engm_opacus.cheap import InputGradSource, ScaleHook, make_input_norm_engm
 from engm_opacus.optimizer import ENGMOptimizer, NonFinitePolicy, require_torch_optimizer
 from engm_opacus.weights import validate_gamma
 
@@ -64,7 +64,7 @@ def make_engm(
     scale: Union[None, float, ScaleHook] = None,
     calibration_momentum: float = 0.9,
     calibration_examples: int = 32,
-) -> Tuple[Union[ENGMGradSampleModule, GhostNormModule], ENGMOptimizer]:
+) -> Tuple[nn.Module, Union[ENGMOptimizer, InputNormENGMOptimizer]]:
     """Wrap ``model`` and ``optimizer`` for exact ENGM.
 
     The update per step is ``d = (1/B) sum_i g_i / max(||g_i||_2, gamma)`` handed to
@@ -107,6 +107,8 @@ def make_engm(
         :class:`~engm_opacus.ghost.GhostNormModule` (same attack behaviour); with ``"ghost"``
         or a BatchNorm model the optimizer is a
         :class:`~engm_opacus.ghost.TwoPassENGMOptimizer` (an ``ENGMOptimizer``).
+        With ``variant="input-norm"``: ``(model, InputNormENGMOptimizer)``, the model unwrapped.
+        Every optimizer returned is an Opacus ``DPOptimizer`` subclass.
 
     Raises:
         ValueError: bad ``gamma``, unknown mode, or layers without per-example gradients.
