@@ -32,7 +32,9 @@ Peak memory per step: on CUDA, ``torch.cuda.max_memory_allocated`` during the st
 the allocation before it; on CPU, a resource-based estimate: the process's peak resident
 set (``VmHWM`` of ``/proc/self/status``, reset through ``/proc/self/clear_refs`` before the
 step) minus the resident set before it, with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed so
-that freed tensors return to the OS (the script re-executes itself with it set). Both are
+that freed tensors return to the OS. That setting makes every large allocation a fresh
+``mmap`` (page faults, zeroing), which would distort the times, so the CPU memory estimate
+runs in a child process of its own (``--memory-json``) and the times in this one. Both are
 added to the persistent bytes of the row (parameters, buffers, optimizer state). Ratios are
 to MSGD on the same model and norm.
 
@@ -47,7 +49,9 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import json
 import os
+import subprocess
 import statistics
 import sys
 import time
@@ -55,27 +59,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
+import torch
+from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from engm_opacus import make_engm
+from engm_opacus.losses.pgd_at import PGDAT
+from engm_opacus.models import preact_resnet18, small_cnn
+from engm_opacus.step import train_step
+from engm_opacus.weights import engm_weights
+
 MMAP_THRESHOLD = "65536"
-
-if __name__ == "__main__" and os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_THRESHOLD and sys.platform == "linux":
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD  # CPU peak-memory estimate: freed tensors leave the RSS
-    os.execv(sys.executable, [sys.executable, *sys.argv])
-
-import torch  # noqa: E402
-from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping  # noqa: E402
-from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping  # noqa: E402
-from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.func import functional_call, grad, vmap  # noqa: E402
-
-from engm_opacus import make_engm  # noqa: E402
-from engm_opacus.losses.pgd_at import PGDAT  # noqa: E402
-from engm_opacus.models import preact_resnet18, small_cnn  # noqa: E402
-from engm_opacus.step import train_step  # noqa: E402
-from engm_opacus.weights import engm_weights  # noqa: E402
-
+"""glibc ``MALLOC_MMAP_THRESHOLD_`` of the memory child: allocations above it are ``mmap``-ed, so freed tensors leave the RSS."""
 Step = Callable[[], None]
 GAMMA = 1.0
 ROWS: Tuple[str, ...] = (
@@ -252,16 +252,28 @@ def persistent_bytes(tensors: List[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
-def run_group(
-    model_name: str, norm: str, rows: List[str], args: argparse.Namespace, device: torch.device
-) -> List[Tuple[str, float, float, float]]:
-    """``(row, median s/step, time ratio, memory ratio)`` for the rows of one model/norm."""
+def group_setups(model_name: str, norm: str, rows: List[str], args: argparse.Namespace, device: torch.device) -> Dict[str, Setup]:
+    """The rows of one model/norm, built on the same seeded batch."""
     width = args.width if model_name == "PreAct ResNet-18" else args.cnn_width
-    setups = {row: setup(row, model_name, norm, width, args.batch_size, device, args.seed) for row in rows}
-    times = measure_time(setups, args.repeats, device)
-    peaks = {row: persistent_bytes(s.persistent()) + transient_bytes(s.step, device) for row, s in setups.items()}
-    medians = {row: statistics.median(values) for row, values in times.items()}
-    return [(row, medians[row], medians[row] / medians["MSGD"], peaks[row] / peaks["MSGD"]) for row in rows]
+    return {row: setup(row, model_name, norm, width, args.batch_size, device, args.seed) for row in rows}
+
+
+def group_peaks(setups: Dict[str, Setup], device: torch.device) -> Dict[str, float]:
+    """Peak bytes of one step of every row (after one warm-up step each): persistent tensors plus the step's transient peak."""
+    for row in setups.values():
+        row.step()  # lazy one-time allocations (kernels' caches, optimizer state) are not a step's cost
+    return {row: float(persistent_bytes(s.persistent()) + transient_bytes(s.step, device)) for row, s in setups.items()}
+
+
+def peaks_in_child(argv: List[str]) -> Dict[str, Dict[str, float]]:
+    """Run this script with ``--memory-json`` and glibc's mmap threshold fixed; return its peaks."""
+    out = Path(os.environ.get("TMPDIR", "/tmp")) / f"step_cost_memory_{os.getpid()}.json"
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}  # freed tensors leave the RSS
+    subprocess.run([sys.executable, __file__, *argv, "--memory-json", str(out)], env=env, check=True)
+    try:
+        return json.loads(out.read_text())
+    finally:
+        out.unlink()
 
 
 def markdown(title: str, results: Dict[str, List[Tuple[str, float, float, float]]], cheap: bool) -> str:
@@ -285,6 +297,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--models", default="PreAct ResNet-18,small CNN", help="comma-separated subset")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown", type=Path, default=Path("benchmarks/results/step_cost.md"))
+    parser.add_argument("--memory-json", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repeats < 5:
         parser.error("--repeats must be >= 5 (medians of at least 5 runs)")
@@ -293,12 +306,32 @@ def main(argv: Optional[List[str]] = None) -> None:
     cheap = cheap_engm_available()
     bn_rows = [r for r in ROWS if r not in GROUP_NORM_ONLY and (cheap or r != "cheap ENGM")]
     gn_rows = [r for r in ROWS if r != "cheap ENGM"]
-    results: Dict[str, List[Tuple[str, float, float, float]]] = {}
-    for model_name in args.models.split(","):
-        for norm, rows in (("batch", bn_rows), ("group", gn_rows)):
-            results[f"{model_name}, {'BatchNorm' if norm == 'batch' else 'GroupNorm'}"] = run_group(
-                model_name, norm, rows, args, device
-            )
+    groups = [
+        (model_name, norm, rows, f"{model_name}, {'BatchNorm' if norm == 'batch' else 'GroupNorm'}")
+        for model_name in args.models.split(",")
+        for norm, rows in (("batch", bn_rows), ("group", gn_rows))
+    ]
+    if args.memory_json is not None:  # the child process of peaks_in_child
+        peaks = {label: group_peaks(group_setups(m, n, rows, args, device), device) for m, n, rows, label in groups}
+        args.memory_json.write_text(json.dumps(peaks))
+        return
+    medians: Dict[str, Dict[str, float]] = {}
+    peaks = {}
+    for model_name, norm, rows, label in groups:
+        setups = group_setups(model_name, norm, rows, args, device)
+        times = measure_time(setups, args.repeats, device)
+        medians[label] = {row: statistics.median(values) for row, values in times.items()}
+        if device.type == "cuda":
+            peaks[label] = group_peaks(setups, device)
+    if device.type == "cpu":
+        peaks = peaks_in_child(sys.argv[1:] if argv is None else argv)
+    results: Dict[str, List[Tuple[str, float, float, float]]] = {
+        label: [
+            (row, medians[label][row], medians[label][row] / medians[label]["MSGD"], peaks[label][row] / peaks[label]["MSGD"])
+            for row in rows
+        ]
+        for _, _, rows, label in groups
+    }
     where = f"CPU, {torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
     memory = "CUDA max_memory_allocated" if device.type == "cuda" else "VmHWM-based estimate"
     title = (
