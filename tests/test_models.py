@@ -11,16 +11,11 @@ from torch import nn
 
 from engm_opacus import make_engm
 from engm_opacus.models import MODELS, build_model, norm_layer, preact_resnet18, small_cnn, wide_resnet
-from engm_opacus.training import torch_threads
 
 TINY_WIDTH = {"small-cnn": 4, "preact-resnet18": 4, "wrn-34-10": 1}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one torch thread is as fast and does not stall on a busy machine."""
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def parameter_count(model: nn.Module) -> int:
