@@ -67,7 +67,6 @@ from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
 from opacus.grad_sample import GradSampleModule
-from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.optim import Optimizer
 
@@ -75,6 +74,7 @@ from engm_opacus.losses.base import ATLossOutput
 from engm_opacus.optimizer import (
     ENGMStepStats,
     NonFinitePolicy,
+    NormalizingDPOptimizer,
     require_per_example_losses,
     require_torch_optimizer,
 )
@@ -245,7 +245,7 @@ def validate_source(source: str) -> InputGradSource:
     return source  # type: ignore[return-value]
 
 
-class InputNormENGMOptimizer(DPOptimizer):
+class InputNormENGMOptimizer(NormalizingDPOptimizer):
     """Cheap ENGM: ``w_i = 1/max(s ||grad_x l_i||, gamma)``, one weighted backward, then the wrapped step.
 
     Use its :meth:`backward` seam instead of ``loss.backward()``::
@@ -322,15 +322,6 @@ class InputNormENGMOptimizer(DPOptimizer):
         return f"InputNormENGMOptimizer(gamma={self.gamma}, source={self.source!r}, {self.original_optimizer!r})"
 
     # -- ENGM ---------------------------------------------------------------------------
-    @property
-    def gamma(self) -> float:
-        """The normalization floor (Opacus's ``max_grad_norm``)."""
-        return self.max_grad_norm
-
-    @gamma.setter
-    def gamma(self, value: float) -> None:
-        self.max_grad_norm = validate_gamma(value)
-
     @property
     def needs_input_grad(self) -> bool:
         """``True`` for ``source="recompute"``: the final forward must be on a leaf ``x_adv`` requiring grad."""

@@ -77,7 +77,25 @@ def require_torch_optimizer(optimizer: object) -> torch.optim.Optimizer:
     return optimizer
 
 
-class ENGMOptimizer(DPOptimizer):
+class NormalizingDPOptimizer(DPOptimizer):
+    """An Opacus ``DPOptimizer`` whose ``max_grad_norm`` is ENGM's floor ``gamma`` in ``w_i = 1/max(n_i, gamma)``.
+
+    The base of :class:`ENGMOptimizer` and of the cheap
+    :class:`~engm_opacus.cheap.InputNormENGMOptimizer`: ``DPOptimizer`` forwards
+    ``param_groups``, ``state``, ``defaults`` and ``params`` to the wrapped optimizer.
+    """
+
+    @property
+    def gamma(self) -> float:
+        """The normalization floor (Opacus's ``max_grad_norm``)."""
+        return self.max_grad_norm
+
+    @gamma.setter
+    def gamma(self, value: float) -> None:
+        self.max_grad_norm = validate_gamma(value)
+
+
+class ENGMOptimizer(NormalizingDPOptimizer):
     """Example-normalized gradient descent on top of any ``torch.optim`` optimizer.
 
     Per step: ``n_i = ||g_i||_2`` over all parameters the optimizer trains,
@@ -136,15 +154,6 @@ class ENGMOptimizer(DPOptimizer):
         self.last_step: Optional[ENGMStepStats] = None
         self._accumulated_examples = 0
         self._step_norms: list[torch.Tensor] = []
-
-    @property
-    def gamma(self) -> float:
-        """The normalization floor (Opacus's ``max_grad_norm``)."""
-        return self.max_grad_norm
-
-    @gamma.setter
-    def gamma(self, value: float) -> None:
-        self.max_grad_norm = validate_gamma(value)
 
     def backward(self, per_example_losses: torch.Tensor, at_output: Optional[object] = None) -> None:
         """Backpropagate ``[B]`` per-example losses so that ``step()`` sees every ``g_i``.
