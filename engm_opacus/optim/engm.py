@@ -1,0 +1,224 @@
+"""``ENGMOptimizer``: Opacus's ``DPOptimizer`` with normalizing instead of clipping, no noise, one backward.
+
+For the examples of the backward passes since ``zero_grad()`` (``N`` in all, each pass a mean
+over its own ``B`` rows) and per-example gradients ``g_i = B * dL/dtheta^(i)``
+(:mod:`engm_opacus.per_example`):
+
+.. math::
+
+    n_i = \\|g_i\\|_2,\\quad w_i = \\frac{1}{\\max(n_i, \\gamma)},\\quad
+    d = \\frac{1}{N}\\sum_i w_i g_i
+
+``d`` is written to ``p.grad`` and the wrapped optimizer (``torch.optim.SGD`` for ENGM as
+published) steps on it, so weight decay, momentum, dampening and Nesterov are its own. Since
+``w_i = (1/gamma) min(1, gamma/n_i)``, this is DP-SGD's per-sample clipping with
+``max_grad_norm = gamma``, zero noise, and the update scaled by ``1/gamma``: Opacus's
+``clip_and_accumulate`` / ``add_noise`` / ``scale_grad`` become :meth:`ENGMOptimizer.accumulate`
+and the division by ``N``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Literal, Optional, Set, Tuple
+
+import torch
+from opacus.optimizers.optimizer import DPOptimizer
+from torch import nn
+
+from engm_opacus.functional import engm_weights, nonfinite_norms_error, validate_gamma
+from engm_opacus.optim.input_norm import InputNormEstimator
+from engm_opacus.optim.stats import ENGMStepStats
+from engm_opacus.per_example import BackwardRecord, ENGMModule, rule_for
+
+NonFinitePolicy = Literal["raise", "skip"]
+
+
+def require_torch_optimizer(optimizer: object) -> torch.optim.Optimizer:
+    """Return ``optimizer`` or raise ``TypeError`` if it is not a plain ``torch.optim.Optimizer``."""
+    if isinstance(optimizer, DPOptimizer):
+        raise TypeError(
+            f"optimizer is already an Opacus {type(optimizer).__name__}. "
+            "Fix: pass the plain torch optimizer it wraps (its .original_optimizer)."
+        )
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}. Fix: build it on the "
+            "model's parameters first, e.g. torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)."
+        )
+    return optimizer
+
+
+class ENGMOptimizer(DPOptimizer):
+    """Example-normalized gradient descent on top of a ``torch.optim`` optimizer.
+
+    Use it as the wrapped optimizer: ``loss.backward(); optimizer.step(); optimizer.zero_grad()``.
+    ``step()`` turns the records of :class:`~engm_opacus.per_example.ENGMModule` into ``d``.
+    Opacus's ``BatchMemoryManager`` works (``signal_skip_step``: a skipped step reduces its records
+    into the running sum and keeps it). ``torch.amp.GradScaler`` works: the scaler hands the scale
+    to ``step()`` (``_step_supports_amp_scaling``) and an overflow skips the step.
+
+    Args:
+        optimizer: the wrapped ``torch.optim.Optimizer``.
+        module: the model wrapped by :func:`~engm_opacus.make_engm`.
+        gamma: the normalization floor ``gamma > 0``.
+        on_nonfinite: ``"raise"`` (``FloatingPointError``) or ``"skip"`` (no update, momentum
+            untouched, recorded in :attr:`last_step`) on NaN/inf per-example norms.
+        estimator: the input-norm variant's estimator, or ``None`` for exact norms.
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        module: ENGMModule,
+        gamma: float,
+        on_nonfinite: NonFinitePolicy = "raise",
+        estimator: Optional[InputNormEstimator] = None,
+    ):
+        require_torch_optimizer(optimizer)
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}.")
+        super().__init__(
+            optimizer, noise_multiplier=0.0, max_grad_norm=validate_gamma(gamma), expected_batch_size=None, loss_reduction="sum"
+        )
+        self.module = module
+        self.on_nonfinite: NonFinitePolicy = on_nonfinite
+        self.estimator = estimator
+        self.last_step: Optional[ENGMStepStats] = None
+        self._norms: List[torch.Tensor] = []
+        self._calibration_errors: List[float] = []
+
+    @property
+    def gamma(self) -> float:
+        """The normalization floor (Opacus's ``max_grad_norm``)."""
+        return self.max_grad_norm
+
+    @gamma.setter
+    def gamma(self, value: float) -> None:
+        self.max_grad_norm = validate_gamma(value)
+
+    @torch.no_grad()
+    def accumulate(self, grad_scale: float = 1.0, overflow: bool = False) -> None:
+        """Add ``sum_i w_i g_i`` of every recorded backward pass to ``p.summed_grad``; keep the norms.
+
+        Args:
+            grad_scale: the loss scale of a ``GradScaler`` (records are divided by it).
+            overflow: the scaler found inf/NaN: non-finite norms are expected, not an error.
+        """
+        records, accumulated = self.module.take_records()
+        own = set(self.params)
+        self._check_coverage(records, accumulated & own)
+        reduce_mean = self.module.loss_reduction == "mean"
+        for record in records:
+            rows = record.batch_size()
+            factor = (rows if reduce_mean else 1.0) / grad_scale
+            norms = self._norms_of(record, factor, own)
+            if not bool(torch.isfinite(norms).all()):
+                if self.on_nonfinite == "raise" and not overflow:
+                    raise nonfinite_norms_error(norms)
+                self._norms.append(norms)
+                continue
+            factors = engm_weights(norms, self.gamma) * factor
+            for layer, calls in record.calls.items():
+                for p, grad in rule_for(layer).weighted_grads(layer, calls, factors).items():
+                    if p in own:
+                        p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+            self._norms.append(norms)
+
+    def _norms_of(self, record: BackwardRecord, factor: float, own: Set[nn.Parameter]) -> torch.Tensor:
+        """``[B]`` norms of one backward pass: exact, or the input-norm estimate (exact when calibrating)."""
+        estimator = self.estimator
+        input_norms = None if estimator is None else estimator.input_norms(record.input_grads, factor)
+        if estimator is not None and not estimator.calibrating:
+            return estimator.estimate(input_norms)
+        squared: Optional[torch.Tensor] = None
+        for layer, calls in record.calls.items():
+            for call in calls:
+                call.check_unchanged()
+            for p, values in rule_for(layer).squared_norms(layer, calls).items():
+                if p in own:
+                    squared = values if squared is None else squared + values.to(squared)
+        exact = torch.zeros(record.batch_size()) if squared is None else factor * squared.sqrt()
+        if estimator is not None:
+            estimator.calibrate(exact.double(), input_norms.to(exact.device))
+            self._calibration_errors.append(estimator.last_calibration_error)
+        return exact
+
+    def _check_coverage(self, records: List[BackwardRecord], accumulated: Set[nn.Parameter]) -> None:
+        """Raise if a gradient reached ``p.grad`` outside a recorded layer call, or records outlived ``p.grad``."""
+        recorded = {p for record in records for calls in record.calls.values() for call in calls for p in call.params}
+        names = {p: name for name, p in self.module._module.named_parameters()}
+        outside = [names.get(p, "?") for p in accumulated - recorded]
+        if outside:
+            raise RuntimeError(
+                f"Parameters {outside[:5]} received gradient outside their layer's forward (e.g. tied weights or "
+                "F.linear(x, layer.weight)), where ENGM cannot see per-example gradients; the update would be wrong. "
+                "Fix: use each parameter only through its own layer's forward."
+            )
+        cleared = [names.get(p, "?") for p in recorded & set(self.params) if p.grad is None]
+        if cleared:
+            raise RuntimeError(
+                f"p.grad of {cleared[:5]} was cleared after the backward pass, but not through optimizer.zero_grad() "
+                "or model.zero_grad() of the objects make_engm returned, so ENGM still holds that pass's per-example "
+                "data. Fix: clear gradients with the returned optimizer's or model's zero_grad()."
+            )
+
+    def pre_step(self, closure: Optional[Callable[[], float]] = None) -> bool:
+        """Accumulate the records; unless the step is skipped, set ``p.grad = d``; return whether to step."""
+        grad_scale, overflow = self._amp_state()
+        self.accumulate(grad_scale, overflow)
+        if self._check_skip_next_step():
+            self._is_last_step_skipped = True
+            return False
+        self._is_last_step_skipped = False
+        if not self._norms:
+            return True  # no backward reached the parameters: the wrapped optimizer sees p.grad as it is
+        norms = torch.cat([n.to(self._norms[0].device) for n in self._norms])
+        skipped = overflow or not bool(torch.isfinite(norms).all())
+        if not skipped:
+            for p in self.params:
+                if p.summed_grad is not None:
+                    p.grad = (p.summed_grad / len(norms)).view_as(p).to(p.dtype)
+        self.last_step = self._stats(norms, skipped)
+        if self.estimator is not None:
+            self.estimator.steps += 1
+        return not skipped
+
+    def _amp_state(self) -> Tuple[float, bool]:
+        """``(scale, overflow)`` handed over by ``torch.amp.GradScaler.step`` (``(1.0, False)`` without one)."""
+        if not hasattr(self, "found_inf"):
+            return 1.0, False
+        if getattr(self, "grad_scale", None) is None:
+            raise RuntimeError(
+                "GradScaler.unscale_(optimizer) was called before step(): ENGM needs the scale to unscale its "
+                "per-example records, and clipping p.grad has no effect on ENGM's direction. Fix: remove "
+                "scaler.unscale_(optimizer) (and clip_grad_norm_) and call scaler.step(optimizer) directly."
+            )
+        return float(self.grad_scale), bool(float(self.found_inf) > 0)
+
+    def _stats(self, norms: torch.Tensor, skipped: bool) -> ENGMStepStats:
+        direction_norm = float("nan")
+        if not skipped:
+            grads = [p.grad.reshape(-1) for p in self.params if p.grad is not None]
+            direction_norm = float(torch.linalg.vector_norm(torch.cat(grads))) if grads else 0.0
+        errors = [e for e in self._calibration_errors if e is not None]
+        return ENGMStepStats(
+            per_example_norms=norms.detach(),
+            weights=engm_weights(norms, self.gamma).detach(),
+            fraction_above_gamma=float((norms > self.gamma).double().mean()),
+            direction_norm=direction_norm,
+            skipped=skipped,
+            scale=None if self.estimator is None else self.estimator.scale,
+            calibrated=bool(self._calibration_errors),
+            calibration_error=errors[-1] if errors else None,
+        )
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear ``p.grad`` and the module's records; the running sums too unless the last step was skipped."""
+        if not self._is_last_step_skipped:
+            self._norms = []
+            self._calibration_errors = []
+        self.module.clear_records()
+        super().zero_grad(set_to_none)

@@ -1,0 +1,192 @@
+"""``ENGMModule``: an Opacus ``GradSampleModule`` that records, during the user's own backward, what ENGM needs.
+
+Opacus pairs each layer's forward with "its" backward through a per-layer stack and a full
+backward hook; that pairing breaks when a forward has no backward (or the other way round), and
+the full backward hook refuses in-place changes of a layer's output (``out += shortcut``). Here,
+every training forward of a layer with trainable parameters registers a hook on *that call's*
+output tensor, which receives ``b = dL/d output`` of exactly the backward passes that run through
+that call. So the pairing is exact by construction, for any number of calls, eval-mode passes,
+attacks and in-place residual adds.
+
+A backward pass is recorded only where it will accumulate into the layer's parameters (as
+``p.grad`` does): an attack differentiating w.r.t. the input records nothing. Records are grouped
+by backward pass (``torch._C._current_graph_task_id``) and cleared by ``zero_grad()`` together
+with ``p.grad``. No per-example work is done in the backward: the optimizer turns the records into
+norms and the weighted gradient at ``step()``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Dict, Iterator, List, Mapping, Set, Tuple
+
+import torch
+from opacus.grad_sample import GradSampleModule
+from torch import nn
+from torch.autograd.graph import _get_grad_fn_or_grad_acc
+
+from engm_opacus.per_example.records import BackwardRecord, LayerCall
+from engm_opacus.per_example.rules import rule_for
+
+
+def layers_with_parameters(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
+    """``(name, module)`` for every module that owns parameters directly."""
+    for name, module in model.named_modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            yield name, module
+
+
+def unsupported_layers_error(model: nn.Module) -> ValueError | None:
+    """One ``ValueError`` naming every trainable layer without a per-example rule, or ``None``."""
+    unsupported = [
+        f"{name or '<root>'} ({type(module).__name__})"
+        for name, module in layers_with_parameters(model)
+        if any(p.requires_grad for p in module.parameters(recurse=False)) and rule_for(module) is None
+    ]
+    if not unsupported:
+        return None
+    listed = "\n".join(f"  - {entry}" for entry in unsupported)
+    return ValueError(
+        "make_engm cannot compute per-example gradients for these trainable layers:\n"
+        f"{listed}\n"
+        "ENGM supports nn.Linear, nn.Conv1d/2d/3d, nn.BatchNorm1d/2d/3d, nn.GroupNorm and every layer Opacus "
+        "has a grad sampler for (LayerNorm, Embedding, InstanceNorm, RMSNorm, ...), by exact type, with the "
+        "parameters used only inside the layer's forward. Fix: build the model from these layers, freeze the "
+        "others (p.requires_grad_(False)), or register a rule with "
+        "engm_opacus.per_example.rules.register_rule (or an Opacus grad sampler with "
+        "opacus.grad_sample.register_grad_sampler)."
+    )
+
+
+def will_accumulate(p: nn.Parameter) -> bool:
+    """``True`` when the running backward pass will accumulate a gradient into ``p``."""
+    return torch._C._will_engine_execute_node(_get_grad_fn_or_grad_acc(p))
+
+
+class ENGMModule(GradSampleModule):
+    """The model wrapped for ENGM: same forward, state_dict keys of the plain model, records for the optimizer.
+
+    Args:
+        m: the plain model (every trainable layer must have a rule: see
+            :func:`unsupported_layers_error`).
+        loss_reduction: ``"mean"`` (the loss of each backward is the mean over its rows, as
+            ``CrossEntropyLoss()`` and the AT reference codes compute it) or ``"sum"``.
+        record_input_grads: also record the gradient w.r.t. the model's floating-point
+            positional inputs (the input-norm variant).
+    """
+
+    def __init__(self, m: nn.Module, *, loss_reduction: str = "mean", record_input_grads: bool = False):
+        error = unsupported_layers_error(m)
+        if error is not None:
+            raise error
+        self._records: Dict[int, BackwardRecord] = {}
+        self._accumulated: Set[nn.Parameter] = set()
+        super().__init__(m, batch_first=True, loss_reduction=loss_reduction, strict=False)
+        self.record_input_grads = record_input_grads
+        self._accumulate_handles = [
+            p.register_post_accumulate_grad_hook(self._accumulated.add) for p in m.parameters() if p.requires_grad
+        ]
+
+    def add_hooks(self, *, loss_reduction: str = "mean", batch_first: bool = True, force_functorch: bool = False) -> None:
+        """Register one forward hook per layer that owns parameters (no full backward hooks)."""
+        if hasattr(self._module, "autograd_grad_sample_hooks"):
+            raise ValueError(
+                "This model already carries Opacus hooks. Fix: pass the plain model to make_engm, once."
+            )
+        self._module.autograd_grad_sample_hooks = []
+        self.autograd_grad_sample_hooks = self._module.autograd_grad_sample_hooks
+        for _, layer in layers_with_parameters(self._module):
+            if rule_for(layer) is not None:
+                self.autograd_grad_sample_hooks.append(layer.register_forward_hook(self.capture_activations_hook))
+        self.enable_hooks()
+
+    def remove_hooks(self) -> None:
+        """Remove the forward hooks and the gradient-accumulation hooks."""
+        super().remove_hooks()
+        for handle in getattr(self, "_accumulate_handles", []):
+            handle.remove()
+        self._accumulate_handles = []
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The plain model's forward; with ``record_input_grads``, float inputs also report their gradient."""
+        if self.record_input_grads and self.hooks_enabled and torch.is_grad_enabled():
+            args = tuple(self._tap_input(a) for a in args)
+        return self._module(*args, **kwargs)
+
+    def _tap_input(self, value: Any) -> Any:
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            return value
+        tapped = value.view_as(value) if value.requires_grad else value.detach().requires_grad_(True)
+        if tapped.is_leaf:
+            tapped = tapped.view_as(tapped)  # a hook on a non-leaf is dropped with its graph
+        tapped.register_hook(self._capture_input_grad)
+        return tapped
+
+    def _capture_input_grad(self, grad: torch.Tensor) -> None:
+        if self.hooks_enabled and any(will_accumulate(p) for p in self._trainable()):
+            self._current_record().input_grads.append(grad.detach())
+
+    def capture_activations_hook(self, module: nn.Module, forward_input: Tuple[Any, ...], forward_output: Any) -> None:
+        """At a forward with gradients on: keep the call's inputs and hook its output tensor."""
+        if not self.hooks_enabled or not torch.is_grad_enabled():
+            return
+        if not isinstance(forward_output, torch.Tensor) or not forward_output.requires_grad:
+            return
+        params = tuple(p for p in module.parameters(recurse=False) if p.requires_grad)
+        if not params:
+            return
+        if not forward_input or not isinstance(forward_input[0], torch.Tensor):
+            raise ValueError(
+                f"{type(module).__name__} was called without a positional tensor input; ENGM records a layer's "
+                "first positional input. Fix: call the layer as layer(x)."
+            )
+        activations = [t.detach() if isinstance(t, torch.Tensor) else t for t in forward_input]
+        call = LayerCall(
+            layer=module,
+            activations=activations,
+            versions=[t._version if isinstance(t, torch.Tensor) else 0 for t in activations],
+            forward_state=rule_for(module).forward_state(module, activations),
+            params=params,
+        )
+        forward_output.register_hook(partial(self.capture_backprops_hook, call))
+
+    def capture_backprops_hook(self, call: LayerCall, backprops: torch.Tensor) -> None:
+        """At the backward of one call: record ``dL/d output`` if this pass reaches the call's parameters."""
+        if not self.hooks_enabled:
+            return
+        reached = tuple(p for p in call.params if will_accumulate(p))
+        if reached:
+            self._current_record().add(
+                LayerCall(call.layer, call.activations, call.versions, call.forward_state, reached, backprops.detach())
+            )
+
+    def _current_record(self) -> BackwardRecord:
+        return self._records.setdefault(torch._C._current_graph_task_id(), BackwardRecord())
+
+    def _trainable(self) -> Iterator[nn.Parameter]:
+        return (p for p in self._module.parameters() if p.requires_grad)
+
+    def take_records(self) -> Tuple[List[BackwardRecord], Set[nn.Parameter]]:
+        """Hand over the records of every backward pass since the last call, and the parameters
+        whose ``.grad`` those passes accumulated into; forget both."""
+        records, accumulated = list(self._records.values()), set(self._accumulated)
+        self.clear_records()
+        return records, accumulated
+
+    def clear_records(self) -> None:
+        """Forget all records (``zero_grad`` does this together with ``p.grad``)."""
+        self._records = {}
+        self._accumulated.clear()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear ``p.grad`` and the records."""
+        self.clear_records()
+        super().zero_grad(set_to_none)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Dict[str, Any]:
+        """The plain model's ``state_dict`` (no ``_module.`` prefix): checkpoints load into either."""
+        return self._module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load a plain model's ``state_dict``."""
+        return self._module.load_state_dict(state_dict, strict=strict, assign=assign)

@@ -1,0 +1,88 @@
+"""What the single ordinary backward leaves for ENGM: one record per layer call, grouped by backward pass.
+
+For a layer call ``c`` in a backward pass over ``B`` rows, the record keeps the call's inputs
+``a`` (detached; the forward's own tensors, not copies) and the gradient ``b = dL/d out`` of
+that backward's loss ``L`` w.r.t. the call's output. Per-layer rules
+(:mod:`engm_opacus.per_example.rules`) turn them into each example's gradient w.r.t. its own
+copy of the layer's parameters, ``dL/dtheta^(i)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LayerCall:
+    """One forward call of a layer, completed by the backward pass that reached its parameters.
+
+    Attributes:
+        layer: the module that was called.
+        activations: its positional inputs, detached (same storage and version counter).
+        versions: the inputs' version counters at forward time (an in-place change after the
+            forward would make ``activations`` wrong; it is detected).
+        forward_state: what the layer's rule kept at forward time (e.g. eval-mode BatchNorm's
+            running statistics), or ``None``.
+        params: the layer's trainable parameters that the backward pass reached.
+        backprops: ``dL/d output`` of that backward pass (``None`` until it ran).
+    """
+
+    layer: nn.Module
+    activations: List[Any]
+    versions: List[int]
+    forward_state: Any
+    params: Tuple[nn.Parameter, ...]
+    backprops: Optional[torch.Tensor] = None
+
+    def reaches(self, p: Optional[torch.Tensor]) -> bool:
+        """Whether ``p`` is one of the parameters this call's backward reached (by identity)."""
+        return p is not None and any(q is p for q in self.params)
+
+    def check_unchanged(self) -> None:
+        """Raise ``RuntimeError`` if an input of this call was modified in place after the forward."""
+        for value, version in zip(self.activations, self.versions):
+            if isinstance(value, torch.Tensor) and value._version != version:
+                raise RuntimeError(
+                    f"The input of {type(self.layer).__name__} was modified in place after the layer used it, "
+                    "so its per-example gradients cannot be computed. Fix: make the in-place operation on that "
+                    "input out of place (e.g. x = x + y instead of x += y, or ReLU(inplace=False) before the layer)."
+                )
+
+
+@dataclass
+class BackwardRecord:
+    """Everything one backward pass recorded: the calls of each layer it reached, and input gradients.
+
+    Attributes:
+        calls: per layer, its calls in this backward pass (several for TRADES/MART or tied layers).
+        input_grads: gradients of the loss w.r.t. the model's floating-point inputs (recorded only
+            for the input-norm variant).
+    """
+
+    calls: Dict[nn.Module, List[LayerCall]] = field(default_factory=dict)
+    input_grads: List[torch.Tensor] = field(default_factory=list)
+
+    def add(self, call: LayerCall) -> None:
+        """Append a completed call."""
+        self.calls.setdefault(call.layer, []).append(call)
+
+    def batch_size(self) -> int:
+        """The number of rows ``B`` every call of this pass saw; ``ValueError`` if they disagree."""
+        sizes = {len(_first_tensor(call.activations)) for calls in self.calls.values() for call in calls}
+        sizes |= {len(g) for g in self.input_grads}
+        if len(sizes) != 1:
+            raise ValueError(
+                f"The layers reached by one backward pass saw batches of different sizes {sorted(sizes)}. "
+                "ENGM treats each row of the batch as one example, so every layer call that a loss depends on "
+                "must see the same rows. Fix: call the model on batches of one size in one loss "
+                "(e.g. TRADES: model(x) and model(x_adv) with len(x) == len(x_adv))."
+            )
+        return sizes.pop()
+
+
+def _first_tensor(values: Sequence[Any]) -> torch.Tensor:
+    return next(v for v in values if isinstance(v, torch.Tensor))

@@ -1,0 +1,60 @@
+"""The ``nn.Linear`` rule: ghost or instantiated norms, and the weighted gradient as one matrix product.
+
+For inputs ``a`` of shape ``[B, ..., in]`` and output gradients ``b`` of shape ``[B, ..., out]``:
+``dL/dW^(i) = sum_t b_{i,t} a_{i,t}^T``, ``dL/dbias^(i) = sum_t b_{i,t}``, and
+
+.. math::
+
+    \\sum_i v_i\\, dL/dW^{(i)} = (v \\odot b)^T a
+
+(the weight-gradient product of an ordinary backward, with ``b`` scaled per example).
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Sequence
+
+import torch
+from torch import nn
+
+from engm_opacus.per_example.records import LayerCall
+from engm_opacus.per_example.rules.base import ParamTensors, compute_dtype, register_rule
+from engm_opacus.per_example.rules.outer import bias_squared_norms, outer_product_squared_norms
+
+
+@register_rule(nn.Linear)
+class LinearRule:
+    """Per-example norms and weighted gradient of ``nn.Linear``."""
+
+    def forward_state(self, layer: nn.Module, activations: Sequence[Any]) -> Any:
+        """Nothing beyond the input."""
+        return None
+
+    def squared_norms(self, layer: nn.Linear, calls: List[LayerCall]) -> ParamTensors:
+        """Positions of all calls concatenated, then :func:`outer_product_squared_norms`."""
+        dtype = compute_dtype(layer)
+        n = len(calls[0].activations[0])
+        a = torch.cat([c.activations[0].to(dtype).reshape(n, -1, layer.in_features) for c in calls], 1).unsqueeze(1)
+        b = torch.cat([c.backprops.to(dtype).reshape(n, -1, layer.out_features) for c in calls], 1).unsqueeze(1)
+        out: ParamTensors = {}
+        if calls[0].reaches(layer.weight):
+            out[layer.weight] = outer_product_squared_norms(a, b)
+        if calls[0].reaches(layer.bias):
+            out[layer.bias] = bias_squared_norms(b)
+        return out
+
+    def weighted_grads(self, layer: nn.Linear, calls: List[LayerCall], factors: torch.Tensor) -> ParamTensors:
+        """``(v * b)^T a`` summed over calls; bias ``sum (v * b)``."""
+        dtype = compute_dtype(layer)
+        out: ParamTensors = {}
+        for call in calls:
+            b = call.backprops.to(dtype)
+            scaled = (b * factors.to(dtype).view(-1, *[1] * (b.dim() - 1))).reshape(-1, layer.out_features)
+            grads = {}
+            if call.reaches(layer.weight):
+                grads[layer.weight] = scaled.T @ call.activations[0].to(dtype).reshape(-1, layer.in_features)
+            if call.reaches(layer.bias):
+                grads[layer.bias] = scaled.sum(0)
+            for p, g in grads.items():
+                out[p] = g if p not in out else out[p] + g
+        return out
