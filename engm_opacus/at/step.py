@@ -1,25 +1,23 @@
-"""One adversarial-training step: attack, per-example losses, backward, optimizer step.
+"""One adversarial-training step (``train_step``): AT loss, the ordinary ``loss.backward()``, ``optimizer.step()``.
 
-The backward seam: an optimizer with a ``backward`` method (``ENGMOptimizer`` and its
-ghost/cheap variants) receives the ``[B]`` per-example losses, as
-``optimizer.backward(per_example, at_output=out)`` when its signature accepts
-``at_output`` (variants that need the adapter's output, e.g. ``x_adv`` or the attack's
-input gradient), else ``optimizer.backward(per_example)``. A plain ``torch.optim``
-optimizer (the MSGD baseline) gets ``per_example.mean().backward()``, the reference
-codebases' batch loss. An optimizer whose ``needs_input_grad`` attribute is ``True`` makes
-the adapter run its training forward on a leaf ``x_adv`` (``track_input_grad=True``).
+.. math::
+
+    L = \\mathrm{at\\_loss}(f_\\theta, x, y),\\qquad \\theta \\leftarrow \\mathrm{optimizer.step}(\\nabla_\\theta L)
+
+with ``L`` the mean-reduced batch loss of the reference codebases. The optimizer is any
+``torch.optim`` optimizer: plain SGD (MSGD) or the one ``make_engm`` returns, which takes its
+per-example gradients from that same backward. Nothing here depends on which.
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
-from engm_opacus.losses.base import ATLoss, ATLossOutput, PerturbsWeights
+from engm_opacus.at.losses.base import ATLoss, PerturbsWeights
 
 
 @dataclass(frozen=True)
@@ -27,8 +25,8 @@ class StepMetrics:
     """What one :func:`train_step` measured on its batch.
 
     Attributes:
-        loss: mean of the per-example training losses (before the step).
-        clean_correct: correct predictions on clean ``x``, when the adapter computed clean logits, else ``None``.
+        loss: the mean-reduced training loss ``L`` (before the step).
+        clean_correct: correct predictions on clean ``x``, when the AT loss computed clean logits, else ``None``.
         robust_correct: correct predictions on ``x_adv`` (at the weights the loss used).
         batch_size: ``B``.
     """
@@ -39,23 +37,6 @@ class StepMetrics:
     batch_size: int
 
 
-def accepts_at_output(backward: object) -> bool:
-    """Whether ``backward`` takes an ``at_output`` keyword (or ``**kwargs``)."""
-    parameters = inspect.signature(backward).parameters.values()
-    return any(p.name == "at_output" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
-
-
-def backward_per_example(optimizer: torch.optim.Optimizer, out: ATLossOutput) -> None:
-    """Route ``out.per_example`` through the optimizer's ``backward`` seam, or mean-reduce for plain optimizers."""
-    backward = getattr(optimizer, "backward", None)
-    if backward is None:
-        out.per_example.mean().backward()
-    elif accepts_at_output(backward):
-        backward(out.per_example, at_output=out)
-    else:
-        backward(out.per_example)
-
-
 def count_correct(logits: torch.Tensor, y: torch.Tensor) -> int:
     """Number of rows whose arg-max equals the label."""
     return int((logits.argmax(dim=1) == y).sum())
@@ -64,23 +45,32 @@ def count_correct(logits: torch.Tensor, y: torch.Tensor) -> int:
 def train_step(
     model: nn.Module, optimizer: torch.optim.Optimizer, at_loss: ATLoss, x: torch.Tensor, y: torch.Tensor
 ) -> StepMetrics:
-    """Run ``at_loss`` on ``(x, y)``, backward, ``optimizer.step()``, ``optimizer.zero_grad()``.
+    """``out = at_loss(model, x, y)``; ``out.loss.backward()``; ``optimizer.step()``; ``optimizer.zero_grad()``.
 
-    Expects cleared gradients (as the previous ``train_step`` leaves them). An adapter
-    that perturbs weights (:class:`~engm_opacus.losses.base.PerturbsWeights`, i.e. AWP)
-    is asked to restore them after the step, also when the step raises.
+    Expects cleared gradients (as the previous ``train_step`` leaves them). An AT loss that
+    perturbs weights (:class:`~engm_opacus.at.losses.base.PerturbsWeights`, i.e. AWP) has them
+    restored after the step, also when the loss, the backward or the step raises.
+
+    Args:
+        model: the network (plain or ENGM-wrapped).
+        optimizer: any ``torch.optim.Optimizer`` over the model's parameters.
+        at_loss: an :class:`~engm_opacus.at.losses.base.ATLoss` (e.g. ``get_at_loss("trades")``).
+        x: ``[B, ...]`` clean inputs in ``[0, 1]``.
+        y: ``[B]`` labels.
+
+    Returns:
+        the batch's :class:`StepMetrics`, measured before the step.
     """
-    track_input_grad = bool(getattr(optimizer, "needs_input_grad", False))
     try:
-        out = at_loss(model, x, y, track_input_grad=track_input_grad)
-        backward_per_example(optimizer, out)
+        out = at_loss(model, x, y)
+        out.loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     finally:
         if isinstance(at_loss, PerturbsWeights):
             at_loss.restore_weights()
     return StepMetrics(
-        loss=float(out.per_example.detach().mean()),
+        loss=float(out.loss.detach()),
         clean_correct=None if out.logits_clean is None else count_correct(out.logits_clean, y),
         robust_correct=count_correct(out.logits_adv, y),
         batch_size=len(y),

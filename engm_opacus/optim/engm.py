@@ -19,7 +19,7 @@ and the division by ``N``.
 
 from __future__ import annotations
 
-from typing import Callable, List, Literal, Optional, Set, Tuple
+from typing import Callable, Dict, List, Literal, Optional, Set, Tuple
 
 import torch
 from opacus.optimizers.optimizer import DPOptimizer
@@ -28,7 +28,7 @@ from torch import nn
 from engm_opacus.functional import engm_weights, nonfinite_norms_error, validate_gamma
 from engm_opacus.optim.input_norm import InputNormEstimator
 from engm_opacus.optim.stats import ENGMStepStats
-from engm_opacus.per_example import BackwardRecord, ENGMModule, rule_for
+from engm_opacus.per_example import BackwardRecord, ENGMModule, LayerReduction, rule_for
 
 NonFinitePolicy = Literal["raise", "skip"]
 
@@ -114,30 +114,32 @@ class ENGMOptimizer(DPOptimizer):
         for record in records:
             rows = record.batch_size()
             factor = (rows if reduce_mean else 1.0) / grad_scale
-            norms = self._norms_of(record, factor, own)
+            reductions = {layer: rule_for(layer).reduction(layer, calls) for layer, calls in record.calls.items()}
+            norms = self._norms_of(record, reductions, factor, own)
+            self._norms.append(norms)
             if not bool(torch.isfinite(norms).all()):
                 if self.on_nonfinite == "raise" and not overflow:
                     raise nonfinite_norms_error(norms)
-                self._norms.append(norms)
                 continue
             factors = engm_weights(norms, self.gamma) * factor
-            for layer, calls in record.calls.items():
-                for p, grad in rule_for(layer).weighted_grads(layer, calls, factors).items():
+            for reduction in reductions.values():
+                for p, grad in reduction.weighted_grads(factors).items():
                     if p in own:
                         p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
-            self._norms.append(norms)
 
-    def _norms_of(self, record: BackwardRecord, factor: float, own: Set[nn.Parameter]) -> torch.Tensor:
+    def _norms_of(
+        self, record: BackwardRecord, reductions: Dict[nn.Module, LayerReduction], factor: float, own: Set[nn.Parameter]
+    ) -> torch.Tensor:
         """``[B]`` norms of one backward pass: exact, or the input-norm estimate (exact when calibrating)."""
         estimator = self.estimator
         input_norms = None if estimator is None else estimator.input_norms(record.input_grads, factor)
         if estimator is not None and not estimator.calibrating:
             return estimator.estimate(input_norms)
         squared: Optional[torch.Tensor] = None
-        for layer, calls in record.calls.items():
-            for call in calls:
+        for layer, reduction in reductions.items():
+            for call in record.calls[layer]:
                 call.check_unchanged()
-            for p, values in rule_for(layer).squared_norms(layer, calls).items():
+            for p, values in reduction.squared_norms().items():
                 if p in own:
                     squared = values if squared is None else squared + values.to(squared)
         exact = torch.zeros(record.batch_size()) if squared is None else factor * squared.sqrt()

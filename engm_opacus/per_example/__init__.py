@@ -2,6 +2,6 @@
 
 from engm_opacus.per_example.module import ENGMModule, unsupported_layers_error
 from engm_opacus.per_example.records import BackwardRecord, LayerCall
-from engm_opacus.per_example.rules import LayerRule, register_rule, rule_for
+from engm_opacus.per_example.rules import LayerReduction, LayerRule, register_rule, rule_for
 
-__all__ = ["BackwardRecord", "ENGMModule", "LayerCall", "LayerRule", "register_rule", "rule_for", "unsupported_layers_error"]
+__all__ = ["BackwardRecord", "ENGMModule", "LayerCall", "LayerReduction", "LayerRule", "register_rule", "rule_for", "unsupported_layers_error"]

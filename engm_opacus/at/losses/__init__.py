@@ -1,19 +1,19 @@
-"""Adversarial-training loss adapters returning per-example losses, and their registry.
+"""Registry of the adversarial-training losses: ``get_at_loss(name, **options)`` builds one by name.
 
-``get_at_loss("trades", beta=6.0)`` builds an adapter by name; ``"awp-<name>"`` wraps
-``"pgd-at"`` or ``"trades"`` in adversarial weight perturbation (keyword ``gamma_awp``,
-the other keywords go to the wrapped adapter).
+Every loss returns the mean-reduced training loss ``L`` (see :mod:`engm_opacus.at.losses.base`).
+``"awp-<name>"`` wraps ``"pgd-at"`` or ``"trades"`` in adversarial weight perturbation
+(keyword ``gamma_awp``, the other keywords go to the wrapped adapter).
 """
 
 from __future__ import annotations
 
 from typing import Any, Dict, Tuple, Type, Union
 
-from engm_opacus.losses.awp import AWP
-from engm_opacus.losses.base import ATLoss, ATLossOutput, AttackResult, AttackThenLoss, PerturbsWeights
-from engm_opacus.losses.mart import MART
-from engm_opacus.losses.pgd_at import PGDAT
-from engm_opacus.losses.trades import TRADES
+from engm_opacus.at.losses.awp import AWP, perturbable_weights
+from engm_opacus.at.losses.base import ATLoss, ATLossOutput, AttackThenLoss, PerturbsWeights
+from engm_opacus.at.losses.mart import MART
+from engm_opacus.at.losses.pgd_at import PGDAT
+from engm_opacus.at.losses.trades import TRADES
 
 AT_METHODS: Dict[str, Type[AttackThenLoss]] = {"pgd-at": PGDAT, "trades": TRADES, "mart": MART}
 AWP_PREFIX = "awp-"
@@ -25,17 +25,20 @@ def at_method_names() -> Tuple[str, ...]:
     return tuple(AT_METHODS) + tuple(AWP_PREFIX + name for name in AWP_INNER_METHODS)
 
 
-def get_at_loss(name: str, **kwargs: Any) -> Union[AttackThenLoss, AWP]:
-    """Build the adapter called ``name`` with ``kwargs``; ``ValueError`` listing valid names otherwise.
+def get_at_loss(name: str, **options: Any) -> Union[AttackThenLoss, AWP]:
+    """Build the AT loss called ``name`` with ``options``.
 
-    For ``"awp-<method>"``, ``gamma_awp`` goes to :class:`AWP` and the other keywords to ``<method>``.
+    For ``"awp-<method>"``, ``gamma_awp`` goes to :class:`AWP` and the other options to ``<method>``.
+
+    Raises:
+        ValueError: ``name`` is unknown (the message lists the known names), or an option is invalid.
     """
     if name not in at_method_names():
         raise ValueError(f"Unknown AT method {name!r}. Fix: use one of {', '.join(at_method_names())}.")
     if name.startswith(AWP_PREFIX):
-        awp_kwargs = {"gamma_awp": kwargs.pop("gamma_awp")} if "gamma_awp" in kwargs else {}
-        return AWP(AT_METHODS[name[len(AWP_PREFIX) :]](**kwargs), **awp_kwargs)
-    return AT_METHODS[name](**kwargs)
+        awp_options = {"gamma_awp": options.pop("gamma_awp")} if "gamma_awp" in options else {}
+        return AWP(AT_METHODS[name[len(AWP_PREFIX) :]](**options), **awp_options)
+    return AT_METHODS[name](**options)
 
 
 __all__ = [
@@ -43,7 +46,6 @@ __all__ = [
     "AWP",
     "ATLoss",
     "ATLossOutput",
-    "AttackResult",
     "AttackThenLoss",
     "MART",
     "PGDAT",
@@ -51,4 +53,5 @@ __all__ = [
     "TRADES",
     "at_method_names",
     "get_at_loss",
+    "perturbable_weights",
 ]

@@ -1,67 +1,67 @@
-"""The protocol every adversarial-training loss adapter follows.
+"""The protocol every adversarial-training loss follows, and the attack-then-loss base of the built-in ones.
 
-An adapter runs its attack and returns **per-example** losses ``l_i`` (shape
-``[B]``), so that ENGM can weight each example: ``w_i = 1/max(||grad l_i||, gamma)``.
-A user's own AT loss plugs in by implementing :class:`ATLoss` (any callable with
-this signature and a ``name``); the built-in adapters derive from
-:class:`AttackThenLoss`, which splits the call into :meth:`~AttackThenLoss.attack`
-and :meth:`~AttackThenLoss.loss_at` so that AWP can perturb the weights in between.
+An AT loss is a callable ``at_loss(model, x, y) -> ATLossOutput`` with a ``name``
+(:class:`ATLoss`). Its ``loss`` is the **mean-reduced** scalar training loss, exactly as
+the reference codebases compute it, e.g. for PGD-AT
+
+.. math::
+
+    L = \\frac{1}{B} \\sum_{i=1}^{B} \\mathrm{CE}(f(x^{adv}_i), y_i),
+
+so that ``loss.backward()`` is the user's ordinary backward: any torch optimizer (MSGD)
+steps on it, and an ENGM-wrapped model gets each example's gradient from that same
+backward. A user's own AT loss plugs in by implementing :class:`ATLoss`.
+
+The built-in adapters derive from :class:`AttackThenLoss`, which splits the call into
+:meth:`~AttackThenLoss.attack` (one shared PGD call, configured by the subclass's
+``attack_loss`` and ``start``) and :meth:`~AttackThenLoss.loss_at`, so that AWP can
+perturb the weights in between.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Optional, Protocol, runtime_checkable
+from typing import ClassVar, Optional, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from engm_opacus.attacks import validate_threat_model
+from engm_opacus.at.attacks import AttackLoss, StartKind, attack_mode, pgd_linf, validate_threat_model
 
 
 @dataclass
 class ATLossOutput:
-    """What one adapter call returns.
+    """What one AT loss call returns.
 
     Attributes:
-        per_example: ``[B]`` training losses ``l_i``, differentiable w.r.t. the model's parameters.
-        x_adv: ``[B, ...]`` adversarial inputs. Detached, except with ``track_input_grad=True``:
-            then it is the leaf (``requires_grad=True``) the training forward ran on, so that
-            ``torch.autograd.grad(per_example.sum(), x_adv, retain_graph=True)`` gives each
-            example's input gradient of its own training loss.
+        loss: scalar mean-reduced training loss ``L`` (differentiable w.r.t. the model's parameters).
+        x_adv: ``[B, ...]`` adversarial inputs the training forward ran on (detached).
         logits_adv: ``[B, C]`` detached logits on ``x_adv`` (robust accuracy of the batch).
         logits_clean: ``[B, C]`` detached logits on clean ``x`` when the loss computed them, else ``None``.
-        attack_input_grad: ``[B, ...]`` gradient w.r.t. the input of the attack's per-example loss at
-            the last PGD step, when that loss is the training loss (PGD-AT), else ``None``.
-            Used by the cheap ENGM variant's ``source="attack"``. See
-            :func:`engm_opacus.attacks.pgd_linf` for the exact point it is taken at.
     """
 
-    per_example: torch.Tensor
+    loss: torch.Tensor
     x_adv: torch.Tensor
     logits_adv: torch.Tensor
     logits_clean: Optional[torch.Tensor] = None
-    attack_input_grad: Optional[torch.Tensor] = None
 
 
 @runtime_checkable
 class ATLoss(Protocol):
-    """An AT method: ``adapter(model, x, y, track_input_grad=False) -> ATLossOutput`` with per-example losses."""
+    """An AT method: ``at_loss(model, x, y) -> ATLossOutput`` whose ``loss`` is the mean-reduced batch loss."""
 
     name: str
 
-    def __call__(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, track_input_grad: bool = False
-    ) -> ATLossOutput: ...
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> ATLossOutput: ...
 
 
 @runtime_checkable
 class PerturbsWeights(Protocol):
-    """An adapter that leaves the weights perturbed after its call (AWP).
+    """An AT loss that leaves the weights perturbed after its call (AWP).
 
-    :func:`engm_opacus.step.train_step` calls :meth:`restore_weights` after
-    ``optimizer.step()`` and ``optimizer.zero_grad()``.
+    :func:`engm_opacus.at.step.train_step` calls :meth:`restore_weights` after
+    ``optimizer.step()`` and ``optimizer.zero_grad()``, also when they raise.
     """
 
     def restore_weights(self) -> None:
@@ -69,21 +69,11 @@ class PerturbsWeights(Protocol):
         ...
 
 
-@dataclass
-class AttackResult:
-    """The attack stage's output.
-
-    Attributes:
-        x_adv: ``[B, ...]`` detached adversarial inputs.
-        input_grad: the attack's last-step input gradient (see ``pgd_linf``), or ``None``.
-    """
-
-    x_adv: torch.Tensor
-    input_grad: Optional[torch.Tensor] = None
-
-
 class AttackThenLoss(ABC):
     """Base of the built-in adapters: ``__call__ = loss_at(attack(...))``.
+
+    The attack is ``pgd_linf`` maximizing the subclass's ``attack_loss`` (``"ce"`` or ``"kl"``)
+    from its ``start`` (``"uniform"`` in the eps-ball, or ``x + 0.001 N(0, 1)`` for ``"normal"``).
 
     Args:
         eps: L-infinity radius in ``[0, 1]`` (default ``8/255``).
@@ -93,9 +83,14 @@ class AttackThenLoss(ABC):
             reference code do); default ``False`` keeps the model's mode (train mode during
             training, as Madry's and Rice et al.'s PGD-AT code).
         generator: RNG of the attack's random start (global RNG when ``None``).
+
+    Raises:
+        ValueError: a threat model outside ``[0, 1]`` or negative steps, at construction.
     """
 
-    name: str = ""
+    name: ClassVar[str] = ""
+    attack_loss: ClassVar[AttackLoss] = "ce"
+    start: ClassVar[StartKind] = "uniform"
 
     def __init__(
         self,
@@ -106,37 +101,25 @@ class AttackThenLoss(ABC):
         attack_eval_mode: bool = False,
         generator: Optional[torch.Generator] = None,
     ):
-        validate_threat_model(eps, step_size, steps)
+        validate_threat_model(eps, step_size, steps)  # fail at configuration time, not at the first batch
         self.eps = eps
         self.step_size = step_size
         self.steps = steps
         self.attack_eval_mode = attack_eval_mode
         self.generator = generator
 
-    @abstractmethod
-    def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
-        """Craft ``x_adv`` for the method's attack loss; leaves no gradients on the model."""
+    def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``x_adv = pgd_linf(model, x, y)`` with this adapter's objective, start and threat model (detached)."""
+        with attack_mode(model, self.attack_eval_mode):
+            return pgd_linf(
+                model, x, y, loss=self.attack_loss, eps=self.eps, step_size=self.step_size, steps=self.steps,
+                random_start=self.start, generator=self.generator,
+            )
 
     @abstractmethod
-    def loss_at(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        attack: AttackResult,
-        *,
-        track_input_grad: bool = False,
-    ) -> ATLossOutput:
-        """The training forward(s) at the current weights on ``x`` and ``attack.x_adv``."""
+    def loss_at(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor) -> ATLossOutput:
+        """The training forward(s) at the current weights on ``x`` and ``x_adv``: the mean-reduced loss."""
 
-    def __call__(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, track_input_grad: bool = False
-    ) -> ATLossOutput:
-        """Attack, then the per-example training losses at ``x_adv``."""
-        return self.loss_at(model, x, y, self.attack(model, x, y), track_input_grad=track_input_grad)
-
-
-def training_input(x_adv: torch.Tensor, track_input_grad: bool) -> torch.Tensor:
-    """``x_adv`` detached; a fresh leaf with ``requires_grad=True`` when ``track_input_grad``."""
-    x_adv = x_adv.detach()
-    return x_adv.requires_grad_(True) if track_input_grad else x_adv
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> ATLossOutput:
+        """Attack, then the training loss at ``x_adv``."""
+        return self.loss_at(model, x, y, self.attack(model, x, y))

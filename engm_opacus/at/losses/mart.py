@@ -1,17 +1,17 @@
-"""MART (Wang et al., "Improving Adversarial Robustness Requires Revisiting Misclassified Examples", ICLR 2020).
+"""MART loss (Wang et al., "Improving Adversarial Robustness Requires Revisiting Misclassified Examples", ICLR 2020).
 
-Per example, with ``p = softmax(f(x))``, ``q = softmax(f(x_adv))`` and
-``k_i = argmax_{k != y_i} q_{ik}`` (the largest wrong class):
+With ``p = softmax(f(x))``, ``q = softmax(f(x_adv))`` and ``k_i = argmax_{k != y_i} q_{ik}``
+(the largest wrong class):
 
 .. math::
 
-    l_i = \\mathrm{CE}(f(x^{adv}_i), y_i) - \\log(1.0001 - q_{i k_i} + 10^{-12})
-          + \\lambda \\Big(\\sum_k p_{ik}\\big(\\log p_{ik} - \\log(q_{ik} + 10^{-12})\\big)\\Big)(1.0000001 - p_{i y_i})
+    L = \\frac{1}{B}\\sum_{i=1}^{B}\\Big[\\mathrm{CE}(f(x^{adv}_i), y_i) - \\log(1.0001 - q_{i k_i} + 10^{-12})
+        + \\lambda \\Big(\\sum_k p_{ik}\\big(\\log p_{ik} - \\log(q_{ik} + 10^{-12})\\big)\\Big)(1.0000001 - p_{i y_i})\\Big]
 
-The constants ``1.0001``, ``1e-12`` and ``1.0000001`` are those of Wang et al.'s
-reference ``mart_loss`` (the paper writes ``-log(1 - max_{k!=y} q_k)`` and ``1 - p_y``);
-the mean of ``l_i`` equals its batch loss. The attack is PGD on the cross-entropy from
-``x + 0.001 * N(0, 1)``, as the reference code.
+computed as Wang et al.'s reference ``mart_loss``: ``CE(logits_adv, y) + nll_loss(log(1.0001 - q + 1e-12), k)``
+plus ``lambda * (1/B) * sum(KL_rows * (1.0000001 - p_y))``. The constants ``1.0001``, ``1e-12``
+and ``1.0000001`` are the reference's (the paper writes ``-log(1 - max_{k!=y} q_k)`` and ``1 - p_y``).
+The attack is PGD on the cross-entropy from ``x + 0.001 * N(0, 1)``, as the reference code.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engm_opacus.attacks import attack_mode, pgd_linf
-from engm_opacus.losses.base import ATLossOutput, AttackResult, AttackThenLoss, training_input
+from engm_opacus.at.losses.base import ATLossOutput, AttackThenLoss
 
 MARGIN_OFFSET = 1.0001
 LOG_EPS = 1e-12
@@ -44,10 +43,15 @@ class MART(AttackThenLoss):
             script calls it ``beta``).
         **attack_kwargs: ``eps``, ``step_size``, ``steps``, ``attack_eval_mode`` (Wang et al.'s code
             attacks in eval mode; default ``False`` keeps the model's mode), ``generator``;
-            see :class:`~engm_opacus.losses.base.AttackThenLoss`.
+            see :class:`~engm_opacus.at.losses.base.AttackThenLoss`.
+
+    Raises:
+        ValueError: ``lam < 0``.
     """
 
     name = "mart"
+    attack_loss = "ce"
+    start = "normal"
 
     def __init__(self, *, lam: float = 5.0, **attack_kwargs: Any):
         super().__init__(**attack_kwargs)
@@ -55,34 +59,20 @@ class MART(AttackThenLoss):
             raise ValueError(f"lam must be >= 0, got {lam!r}. Fix: e.g. lam=5.0.")
         self.lam = float(lam)
 
-    def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> AttackResult:
-        """PGD on the cross-entropy from ``x + 0.001 * N(0, 1)``."""
-        with attack_mode(model, self.attack_eval_mode):
-            x_adv = pgd_linf(
-                model, x, y, loss="ce", eps=self.eps, step_size=self.step_size, steps=self.steps,
-                random_start="normal", generator=self.generator,
-            )
-        return AttackResult(x_adv=x_adv)
-
-    def loss_at(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackResult, *, track_input_grad: bool = False
-    ) -> ATLossOutput:
-        """The per-example MART loss of the module docstring."""
+    def loss_at(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor) -> ATLossOutput:
+        """The mean-reduced MART loss of the module docstring."""
         logits_clean = model(x)
-        x_adv = training_input(attack.x_adv, track_input_grad)
         logits_adv = model(x_adv)
         adv_probs = F.softmax(logits_adv, dim=1)
-        wrong = largest_wrong_class(adv_probs, y).unsqueeze(1)
-        boosted_ce = F.cross_entropy(logits_adv, y, reduction="none") - torch.log(
-            MARGIN_OFFSET - adv_probs + LOG_EPS
-        ).gather(1, wrong).squeeze(1)
+        wrong = largest_wrong_class(adv_probs, y)
+        loss_adv = F.cross_entropy(logits_adv, y) + F.nll_loss(torch.log(MARGIN_OFFSET - adv_probs + LOG_EPS), wrong)
         nat_probs = F.softmax(logits_clean, dim=1)
         true_probs = nat_probs.gather(1, y.unsqueeze(1)).squeeze(1)
-        kl = F.kl_div(torch.log(adv_probs + LOG_EPS), nat_probs, reduction="none").sum(dim=1)
-        per_example = boosted_ce + self.lam * kl * (WEIGHT_OFFSET - true_probs)
+        kl_rows = F.kl_div(torch.log(adv_probs + LOG_EPS), nat_probs, reduction="none").sum(dim=1)
+        loss_robust = (kl_rows * (WEIGHT_OFFSET - true_probs)).mean()
         return ATLossOutput(
-            per_example=per_example,
-            x_adv=x_adv,
+            loss=loss_adv + self.lam * loss_robust,
+            x_adv=x_adv.detach(),
             logits_adv=logits_adv.detach(),
             logits_clean=logits_clean.detach(),
         )

@@ -5,6 +5,6 @@ GroupNorm); every other layer Opacus has a grad sampler for is served through it
 """
 
 from engm_opacus.per_example.rules import conv, linear, normalization  # noqa: F401  (registration)
-from engm_opacus.per_example.rules.base import RULES, LayerRule, ParamTensors, register_rule, rule_for
+from engm_opacus.per_example.rules.base import RULES, LayerReduction, LayerRule, ParamTensors, register_rule, rule_for
 
-__all__ = ["RULES", "LayerRule", "ParamTensors", "register_rule", "rule_for"]
+__all__ = ["RULES", "LayerReduction", "LayerRule", "ParamTensors", "register_rule", "rule_for"]

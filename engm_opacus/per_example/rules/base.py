@@ -1,11 +1,16 @@
 """The per-layer rule interface, its registry, and the rule that goes through per-example gradients.
 
-A rule turns a layer's recorded calls of one backward pass into, for each trainable parameter
-``p`` of the layer and each example ``i`` (``b`` = raw ``dL/d output``, no batch-size factor):
+A rule turns a layer's recorded calls of one backward pass into a :class:`LayerReduction`, which
+gives, for each trainable parameter ``p`` of the layer and each example ``i`` (``b`` = raw
+``dL/d output``, no batch-size factor):
 
-* ``squared_norms``: ``||dL/dp^(i)||^2`` summed over the layer's calls first (a layer called on
-  ``x`` and ``x_adv`` contributes the norm of the *sum* of its calls' gradients);
-* ``weighted_grads``: ``sum_i v_i dL/dp^(i)`` for given per-example factors ``v_i``.
+* ``squared_norms()``: ``||sum_calls dL/dp^(i)||^2`` (a layer called on ``x`` and ``x_adv``
+  contributes the norm of the *sum* of its calls' gradients);
+* ``weighted_grads(v)``: ``sum_i v_i sum_calls dL/dp^(i)`` for per-example factors ``v_i``.
+
+A reduction may keep what ``squared_norms`` computed (e.g. instantiated per-example gradients) to
+make ``weighted_grads`` cheap; ``weighted_grads`` also works without ``squared_norms`` (the
+input-norm variant between calibrations).
 
 Rules are looked up by the layer's exact type: first this package's :data:`RULES`
 (:func:`register_rule`), then Opacus's grad-sampler registry
@@ -26,6 +31,18 @@ from engm_opacus.per_example.records import LayerCall
 ParamTensors = Dict[nn.Parameter, torch.Tensor]
 
 
+class LayerReduction(Protocol):
+    """One layer's share of one backward pass: its per-example squared norms and weighted gradient."""
+
+    def squared_norms(self) -> ParamTensors:
+        """Per parameter, ``[B]`` squared norms of ``sum_calls dL/dp^(i)``."""
+        ...
+
+    def weighted_grads(self, factors: torch.Tensor) -> ParamTensors:
+        """Per parameter, ``sum_i factors[i] * sum_calls dL/dp^(i)``."""
+        ...
+
+
 class LayerRule(Protocol):
     """How ENGM gets per-example norms and the weighted gradient of one layer type."""
 
@@ -33,12 +50,8 @@ class LayerRule(Protocol):
         """What must be kept at forward time besides the inputs (``None`` for most layers)."""
         ...
 
-    def squared_norms(self, layer: nn.Module, calls: List[LayerCall]) -> ParamTensors:
-        """Per parameter, ``[B]`` squared norms of ``sum_calls dL/dp^(i)``."""
-        ...
-
-    def weighted_grads(self, layer: nn.Module, calls: List[LayerCall], factors: torch.Tensor) -> ParamTensors:
-        """Per parameter, ``sum_i factors[i] * sum_calls dL/dp^(i)``."""
+    def reduction(self, layer: nn.Module, calls: List[LayerCall]) -> LayerReduction:
+        """The layer's reduction over its calls in one backward pass."""
         ...
 
 
@@ -59,11 +72,32 @@ def register_rule(*layer_types: Type[nn.Module]) -> Callable[[R], R]:
     return register
 
 
-class PerExampleGradRule:
-    """A rule for layers whose per-example gradients are small: compute them, then reduce.
+def add_into(total: ParamTensors, grads: ParamTensors) -> ParamTensors:
+    """``total[p] += grads[p]`` for every ``p`` (inserting new ones); returns ``total``."""
+    for p, g in grads.items():
+        total[p] = g if p not in total else total[p] + g
+    return total
 
-    Subclasses implement :meth:`per_example_grads` for one call; the calls of a backward pass
-    are summed per example, then ``squared_norms`` and ``weighted_grads`` are reductions.
+
+class PerExampleGrads:
+    """A reduction from instantiated per-example gradients ``[B, *p.shape]`` (summed over calls)."""
+
+    def __init__(self, grads: ParamTensors):
+        self.grads = grads
+
+    def squared_norms(self) -> ParamTensors:
+        """``||g_p^(i)||^2`` per parameter."""
+        return {p: squared_row_norms(g) for p, g in self.grads.items()}
+
+    def weighted_grads(self, factors: torch.Tensor) -> ParamTensors:
+        """``sum_i v_i g_p^(i)`` per parameter."""
+        return {p: torch.einsum("i,i...->...", factors.to(g), g) for p, g in self.grads.items()}
+
+
+class PerExampleGradRule:
+    """A rule for layers whose per-example gradients are small: compute them per call, sum, reduce.
+
+    Subclasses implement :meth:`per_example_grads` for one call.
     """
 
     def forward_state(self, layer: nn.Module, activations: Sequence[Any]) -> Any:
@@ -74,24 +108,12 @@ class PerExampleGradRule:
         """``[B, *p.shape]`` gradients ``dL/dp^(i)`` of one call, for the parameters it reached."""
         raise NotImplementedError
 
-    def summed_per_example_grads(self, layer: nn.Module, calls: List[LayerCall]) -> ParamTensors:
-        """``sum_calls dL/dp^(i)`` per parameter."""
+    def reduction(self, layer: nn.Module, calls: List[LayerCall]) -> PerExampleGrads:
+        """Per-example gradients summed over the calls."""
         total: ParamTensors = {}
         for call in calls:
-            for p, grads in self.per_example_grads(layer, call).items():
-                total[p] = grads if p not in total else total[p] + grads
-        return total
-
-    def squared_norms(self, layer: nn.Module, calls: List[LayerCall]) -> ParamTensors:
-        """``||sum_calls dL/dp^(i)||^2`` per parameter."""
-        return {p: g.reshape(len(g), -1).square().sum(1) for p, g in self.summed_per_example_grads(layer, calls).items()}
-
-    def weighted_grads(self, layer: nn.Module, calls: List[LayerCall], factors: torch.Tensor) -> ParamTensors:
-        """``sum_i factors[i] * sum_calls dL/dp^(i)`` per parameter."""
-        return {
-            p: torch.einsum("i,i...->...", factors.to(g), g)
-            for p, g in self.summed_per_example_grads(layer, calls).items()
-        }
+            add_into(total, self.per_example_grads(layer, call))
+        return PerExampleGrads(total)
 
 
 class OpacusGradSamplerRule(PerExampleGradRule):
@@ -106,10 +128,11 @@ class OpacusGradSamplerRule(PerExampleGradRule):
 
     def per_example_grads(self, layer: nn.Module, call: LayerCall) -> ParamTensors:
         """Opacus's per-sample gradients of this call, restricted to the parameters it reached."""
-        backprops = call.backprops
-        activations = [a.to(backprops.dtype) if _is_float(a) else a for a in call.activations]
+        dtype = compute_dtype(layer)
+        backprops = call.backprops.to(dtype)
+        activations = [a.to(dtype) if _is_float(a) else a for a in call.activations]
         grads = self.sampler(layer, activations, backprops)
-        return {p: grads[p] for p in call.params if any(p is q for q in grads)}
+        return {p: g for p, g in grads.items() if call.reaches(p)}
 
 
 def rule_for(layer: nn.Module) -> Optional[LayerRule]:
@@ -124,6 +147,16 @@ def rule_for(layer: nn.Module) -> Optional[LayerRule]:
 def compute_dtype(layer: nn.Module) -> torch.dtype:
     """The dtype per-example work is done in: the layer's parameters' (fp32 under autocast)."""
     return next(layer.parameters()).dtype
+
+
+def scaled_per_example(b: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """``b`` with example ``i``'s rows multiplied by ``factors[i]``."""
+    return b * factors.to(b.dtype).view(-1, *[1] * (b.dim() - 1))
+
+
+def squared_row_norms(values: torch.Tensor) -> torch.Tensor:
+    """``[B]`` squared norms of each example's slice ``values[i]`` (one fused pass)."""
+    return torch.linalg.vector_norm(values.reshape(len(values), -1), dim=1).square()
 
 
 def _is_float(value: Any) -> bool:

@@ -18,8 +18,42 @@ import torch
 from torch import nn
 
 from engm_opacus.per_example.records import LayerCall
-from engm_opacus.per_example.rules.base import ParamTensors, compute_dtype, register_rule
+from engm_opacus.per_example.rules.base import ParamTensors, add_into, compute_dtype, register_rule, scaled_per_example
 from engm_opacus.per_example.rules.outer import bias_squared_norms, outer_product_squared_norms
+
+
+class LinearReduction:
+    """``nn.Linear``'s share of one backward pass."""
+
+    def __init__(self, layer: nn.Linear, calls: List[LayerCall]):
+        self.layer, self.calls, self.dtype = layer, calls, compute_dtype(layer)
+
+    def squared_norms(self) -> ParamTensors:
+        """Positions of all calls concatenated, then :func:`outer_product_squared_norms`."""
+        layer, calls, dtype = self.layer, self.calls, self.dtype
+        n = len(calls[0].backprops)
+        a = torch.cat([c.activations[0].to(dtype).reshape(n, -1, layer.in_features) for c in calls], 1).unsqueeze(1)
+        b = torch.cat([c.backprops.to(dtype).reshape(n, -1, layer.out_features) for c in calls], 1).unsqueeze(1)
+        out: ParamTensors = {}
+        if calls[0].reaches(layer.weight):
+            out[layer.weight] = outer_product_squared_norms(a, b)
+        if calls[0].reaches(layer.bias):
+            out[layer.bias] = bias_squared_norms(b)
+        return out
+
+    def weighted_grads(self, factors: torch.Tensor) -> ParamTensors:
+        """``(v * b)^T a`` summed over calls; bias ``sum (v * b)``."""
+        layer, dtype = self.layer, self.dtype
+        out: ParamTensors = {}
+        for call in self.calls:
+            scaled = scaled_per_example(call.backprops.to(dtype), factors).reshape(-1, layer.out_features)
+            grads = {}
+            if call.reaches(layer.weight):
+                grads[layer.weight] = scaled.T @ call.activations[0].to(dtype).reshape(-1, layer.in_features)
+            if call.reaches(layer.bias):
+                grads[layer.bias] = scaled.sum(0)
+            add_into(out, grads)
+        return out
 
 
 @register_rule(nn.Linear)
@@ -30,31 +64,6 @@ class LinearRule:
         """Nothing beyond the input."""
         return None
 
-    def squared_norms(self, layer: nn.Linear, calls: List[LayerCall]) -> ParamTensors:
-        """Positions of all calls concatenated, then :func:`outer_product_squared_norms`."""
-        dtype = compute_dtype(layer)
-        n = len(calls[0].activations[0])
-        a = torch.cat([c.activations[0].to(dtype).reshape(n, -1, layer.in_features) for c in calls], 1).unsqueeze(1)
-        b = torch.cat([c.backprops.to(dtype).reshape(n, -1, layer.out_features) for c in calls], 1).unsqueeze(1)
-        out: ParamTensors = {}
-        if calls[0].reaches(layer.weight):
-            out[layer.weight] = outer_product_squared_norms(a, b)
-        if calls[0].reaches(layer.bias):
-            out[layer.bias] = bias_squared_norms(b)
-        return out
-
-    def weighted_grads(self, layer: nn.Linear, calls: List[LayerCall], factors: torch.Tensor) -> ParamTensors:
-        """``(v * b)^T a`` summed over calls; bias ``sum (v * b)``."""
-        dtype = compute_dtype(layer)
-        out: ParamTensors = {}
-        for call in calls:
-            b = call.backprops.to(dtype)
-            scaled = (b * factors.to(dtype).view(-1, *[1] * (b.dim() - 1))).reshape(-1, layer.out_features)
-            grads = {}
-            if call.reaches(layer.weight):
-                grads[layer.weight] = scaled.T @ call.activations[0].to(dtype).reshape(-1, layer.in_features)
-            if call.reaches(layer.bias):
-                grads[layer.bias] = scaled.sum(0)
-            for p, g in grads.items():
-                out[p] = g if p not in out else out[p] + g
-        return out
+    def reduction(self, layer: nn.Linear, calls: List[LayerCall]) -> LinearReduction:
+        """A :class:`LinearReduction` (nothing is computed until asked)."""
+        return LinearReduction(layer, calls)

@@ -57,7 +57,7 @@ class BatchNormRule(PerExampleGradRule):
         n, channels = x.shape[:2]
         stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = call.forward_state
         if stats is None:
-            var, mean = torch.var_mean(x.transpose(0, 1).reshape(channels, -1), dim=1, unbiased=False)
+            var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], unbiased=False)
         else:
             mean, var = (s.to(dtype) for s in stats)
         b_flat, x_flat = b.reshape(n, channels, -1), x.reshape(n, channels, -1)

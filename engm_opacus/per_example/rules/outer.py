@@ -33,7 +33,7 @@ def outer_product_squared_norms(a: torch.Tensor, b: torch.Tensor) -> torch.Tenso
     n, groups, positions, d = a.shape
     p = b.shape[-1]
     if positions == 1:
-        return (a.square().sum((2, 3)) * b.square().sum((2, 3))).sum(1)
+        return (squared_group_norms(a) * squared_group_norms(b)).sum(1)
     ghost = positions * (d + p) < p * d
     per_example = groups * (positions * positions if ghost else p * d)
     budget = max(CHUNK_ELEMENTS, a.numel() + b.numel())
@@ -46,10 +46,15 @@ def outer_product_squared_norms(a: torch.Tensor, b: torch.Tensor) -> torch.Tenso
             gram_b = torch.matmul(b_chunk, b_chunk.transpose(-1, -2))
             out.append((gram_a * gram_b).sum((1, 2, 3)))
         else:
-            out.append(torch.matmul(b_chunk.transpose(-1, -2), a_chunk).square().sum((1, 2, 3)))
+            out.append(squared_group_norms(torch.matmul(b_chunk.transpose(-1, -2), a_chunk)).sum(1))
     return torch.cat(out)
 
 
 def bias_squared_norms(b: torch.Tensor) -> torch.Tensor:
     """``[B]`` squared norms of the bias gradients ``sum_t b_{i,t}`` from ``b`` of shape ``[B, G, T, P]``."""
-    return b.sum(2).square().sum((1, 2))
+    return squared_group_norms(b.sum(2, keepdim=True)).sum(1)
+
+
+def squared_group_norms(values: torch.Tensor) -> torch.Tensor:
+    """``[B, G]`` squared norms over the last two dimensions of ``values`` (one fused pass)."""
+    return torch.linalg.vector_norm(values, dim=(-2, -1)).square()

@@ -3,78 +3,24 @@
 The model, dataset and threat model (eps, PGD step) come from the checkpoint's config;
 options override them. AutoAttack is torchattacks' ``AutoAttack`` (version "standard":
 APGD-CE, APGD-T, FAB-T, Square); the original ``auto-attack`` package is not on PyPI.
-The results are printed as a table and written as JSON (default: next to the
+:func:`engm_opacus.train.evaluation.evaluate_checkpoint` does the work. The results are
+printed as a table and written as JSON (default: next to the
 checkpoint, ``<name>.eval.json``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
-from typing import Any, Dict, Optional
 
 from rich.console import Console
 from rich.table import Table
 
-from engm_opacus.checkpoints import atomic_write_text
-from engm_opacus.commands.train import number
-from engm_opacus.data import limit, load_dataset, make_loader
-from engm_opacus.evaluation import evaluate
-from engm_opacus.training import DEVICES, format_eps, load_trained_model, resolve_device, torch_threads
-
-
-def evaluate_checkpoint(
-    checkpoint: str,
-    *,
-    autoattack: bool = True,
-    max_examples: Optional[int] = None,
-    pgd_steps: int = 20,
-    eps: Optional[float] = None,
-    step_size: Optional[float] = None,
-    batch_size: int = 256,
-    device: str = "auto",
-    data_dir: Optional[str] = None,
-    threads: Optional[int] = 1,
-) -> Dict[str, Any]:
-    """Evaluate a checkpoint on its dataset's test split (``threads``: torch CPU threads meanwhile, ``None`` = unchanged).
-
-    Returns:
-        ``{"checkpoint", "epoch", "dataset", "model", "optimizer", "at_method", "examples", "eps",
-        "step_size", "pgd_steps", "clean_acc", "pgd_acc", "autoattack_acc"}`` (``autoattack_acc``
-        is ``None`` when ``autoattack`` is off).
-
-    Raises:
-        CheckpointError: unreadable or foreign checkpoint.
-        FileNotFoundError: the dataset's files are absent.
-        ValueError: eps / step size outside [0, 1], bad ``max_examples``.
-    """
-    torch_device = resolve_device(device)
-    model, config, payload = load_trained_model(checkpoint, torch_device)
-    eps = config.eps if eps is None else eps
-    step_size = config.step_size if step_size is None else step_size
-    splits = load_dataset(config.dataset, config.data_dir if data_dir is None else data_dir)
-    test = limit(splits.test, max_examples)
-    with torch_threads(threads):
-        metrics = evaluate(
-            model, make_loader(test, batch_size, shuffle=False), eps=eps, pgd_steps=pgd_steps, step_size=step_size,
-            autoattack=autoattack, device=torch_device,
-        )
-    return {
-        "checkpoint": str(checkpoint),
-        "epoch": payload["epoch"],
-        "dataset": config.dataset,
-        "model": config.model,
-        "optimizer": config.optimizer,
-        "at_method": config.at_method,
-        "examples": len(test),
-        "eps": eps,
-        "step_size": step_size,
-        "pgd_steps": pgd_steps,
-        "clean_acc": metrics["clean_acc"],
-        "pgd_acc": metrics["pgd_acc"],
-        "autoattack_acc": metrics.get("autoattack_acc"),
-    }
+from engm_opacus.cli import number
+from engm_opacus.train.config import format_eps
+from engm_opacus.train.evaluation import evaluate_checkpoint
+from engm_opacus.train.logs import write_json
+from engm_opacus.train.runtime import DEVICES
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -112,7 +58,7 @@ def run_eval(args: argparse.Namespace) -> int:
         threads=args.threads,
     )
     output = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".eval.json")
-    atomic_write_text(json.dumps(results, indent=2) + "\n", output)
+    write_json(results, output)
     table = Table(title=f"{results['checkpoint']} (epoch {results['epoch']}) on {results['dataset']} test, {results['examples']} examples, eps {format_eps(results['eps'])}")
     table.add_column("clean acc", justify="right")
     table.add_column(f"PGD-{results['pgd_steps']} acc", justify="right")

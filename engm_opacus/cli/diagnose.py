@@ -4,7 +4,7 @@ Trains the same small CNN with MSGD twice (clean loss, PGD-AT loss) and measures
 training and after every epoch, the mean per-example gradient norm, the gradient variance
 (trace of the per-example covariance, and of the mini-batch mean), the Pearson and Spearman
 correlation of parameter- and input-gradient norms, and the ENGM weights (the formulas
-are in the engm_opacus.diagnostics module). Writes CSV files and PNG plots to ``--out`` and prints
+are in the engm_opacus.experiments.diagnostics module). Writes CSV files and PNG plots to ``--out`` and prints
 the AT/NT ratios as a table.
 """
 
@@ -14,8 +14,9 @@ import argparse
 
 from rich.console import Console
 
-from engm_opacus.commands.train import number
-from engm_opacus.diagnostics import DiagnosticsConfig, ratios_table, run_diagnostics
+from engm_opacus.cli import number
+from engm_opacus.experiments.diagnostics import DiagnosticsConfig, run_diagnostics
+from engm_opacus.experiments.diagnostics_report import ratios_table
 
 DEFAULTS = DiagnosticsConfig()
 
@@ -47,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run :func:`~engm_opacus.diagnostics.run_diagnostics`, print the ratio table and the files written."""
+    """Run :func:`~engm_opacus.experiments.diagnostics.run_diagnostics`, print the ratio table and the files written."""
     config = DiagnosticsConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,

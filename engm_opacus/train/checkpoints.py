@@ -1,87 +1,43 @@
-"""Atomic, validated training checkpoints and the RNG state needed for bit-identical resume.
+"""Training checkpoints: atomic writes, validated loads, RNG state for bit-identical resume, weights into a model.
 
 A checkpoint is one ``torch.save`` file holding a dict with ``"format": FORMAT`` and
 ``"version": VERSION``, plus whatever the trainer stores (model, optimizer incl. momentum
-buffers, scheduler, RNG states, epoch, best metric, config, history). Writes are atomic:
-the bytes go to a temporary file in the destination folder, are flushed and fsynced, the
-file is renamed over the destination with ``os.replace`` and the folder is fsynced. A crash
-at any point leaves either the old checkpoint or the new one, never a partial file.
-Loading uses ``torch.load(weights_only=True)`` (no arbitrary code from a file), so RNG
-states are stored as tensors and plain Python values.
+buffers, scheduler, RNG states, epoch, best metric, config, history). The model weights are the
+plain model's ``state_dict()`` (an ENGM-wrapped model's ``state_dict()`` has the same keys, no
+``_module.`` prefix), so they load into the model :func:`engm_opacus.train.models.build_model`
+builds. Writes are atomic (:func:`engm_opacus.train.logs.atomic_write`): a crash at any point
+leaves either the old checkpoint or the new one, never a partial file. Loading uses
+``torch.load(weights_only=True)`` (no arbitrary code from a file), so RNG states are stored as
+tensors and plain Python values.
 """
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
+from torch import nn
+
+from engm_opacus.train.config import TrainConfig, config_from_payload
+from engm_opacus.train.data import DATASET_SHAPES
+from engm_opacus.train.logs import PathLike, atomic_write
+from engm_opacus.train.models import build_model
 
 FORMAT = "engm-opacus-checkpoint"
 VERSION = 1
 REQUIRED_KEYS = ("format", "version", "epoch", "model", "config")
-
-PathLike = Union[str, os.PathLike]
 
 
 class CheckpointError(ValueError):
     """A file given as a checkpoint is missing, unreadable, truncated, or not an engm-opacus checkpoint."""
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (no-op on platforms without directory fds)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
-
-
-def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Create or replace ``path`` atomically with the bytes ``write(handle)`` produces; return the path.
-
-    Temp file in the same folder -> ``flush`` + ``fsync`` -> ``os.replace`` -> ``fsync`` of the
-    folder. On any exception (or signal-raised interrupt) the temp file is removed and
-    ``path`` is untouched; after a hard kill only a hidden ``.NAME.*.tmp`` file can remain.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(target.parent)
-    return target
-
-
 def atomic_save(payload: Dict[str, Any], path: PathLike) -> Path:
-    """``torch.save(payload)`` to ``path`` atomically (see :func:`atomic_write`)."""
+    """``torch.save(payload)`` to ``path`` atomically (see :func:`engm_opacus.train.logs.atomic_write`)."""
     return atomic_write(path, lambda handle: torch.save(payload, handle))
-
-
-def atomic_write_text(text: str, path: PathLike) -> Path:
-    """Write UTF-8 ``text`` to ``path`` atomically (logs, JSON results)."""
-    return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def save_checkpoint(state: Dict[str, Any], path: PathLike) -> Path:
@@ -159,3 +115,38 @@ def restore_rng_state(state: Dict[str, Any], generator: Optional[torch.Generator
         torch.cuda.set_rng_state_all(state["cuda"])
     if generator is not None and "loader" in state:
         generator.set_state(state["loader"])
+
+
+def restore_model(model: nn.Module, payload: Dict[str, Any], path: PathLike) -> nn.Module:
+    """Load a loaded checkpoint's weights into ``model`` (plain or ENGM-wrapped); return ``model``.
+
+    Raises:
+        CheckpointError: the weights do not fit ``model`` (another architecture, width or norm).
+    """
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as error:
+        recorded = payload.get("config", {}).get("model", "?")
+        raise CheckpointError(
+            f"Checkpoint {path} has weights that do not fit the model built from its config (model {recorded!r}). "
+            "Fix: pass a checkpoint written by engm-opacus train, unmodified, and build the model from its config "
+            f"(load_trained_model does). Details: {error}"
+        ) from error
+    return model
+
+
+def load_trained_model(path: PathLike, device: Union[str, torch.device] = "cpu") -> Tuple[nn.Module, TrainConfig, Dict[str, Any]]:
+    """Rebuild the model a checkpoint was trained with and load its weights.
+
+    Returns:
+        ``(model in eval mode on device, its TrainConfig, the checkpoint payload)``.
+
+    Raises:
+        CheckpointError: unreadable or foreign file, or weights that do not fit the recorded model.
+    """
+    payload = load_checkpoint(path, map_location=device)
+    config = config_from_payload(payload)
+    num_classes, in_channels, _ = DATASET_SHAPES[config.dataset]
+    model = build_model(config.model, num_classes=num_classes, in_channels=in_channels, norm=config.norm, width=config.width)
+    restore_model(model, payload, path)
+    return model.to(device).eval(), config, payload

@@ -1,5 +1,8 @@
 """Robustness evaluation: clean, PGD-20 and AutoAttack accuracy under an L-infinity threat model.
 
+:func:`evaluate` measures a model on a loader; :func:`evaluate_checkpoint` rebuilds a trained
+model from its checkpoint and measures it on its dataset's test split (``engm-opacus eval``).
+
 AutoAttack ("standard": APGD-CE, APGD-T, FAB-T, Square; Croce & Hein 2020) runs through
 ``torchattacks.AutoAttack``: the original ``auto-attack`` package is not published on
 PyPI, and torchattacks re-implements it. torchattacks 3.5's "standard" keeps its own
@@ -10,14 +13,16 @@ accuracy can be somewhat higher than the original package's.
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
-import torchattacks
 from torch import nn
 
-from engm_opacus.attacks import attack_mode, per_example_hooks_paused, pgd_linf, project, validate_threat_model
-from engm_opacus.step import count_correct
+from engm_opacus.at.attacks import attack_mode, pgd_linf, project, validate_threat_model
+from engm_opacus.at.step import count_correct
+from engm_opacus.train.checkpoints import load_trained_model
+from engm_opacus.train.data import limit, load_dataset, make_loader
+from engm_opacus.train.runtime import resolve_device, torch_threads
 
 AUTOATTACK_MIN_CLASSES = 4
 
@@ -40,8 +45,10 @@ def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: f
 
     torchattacks runs in float32; its result is cast back and projected onto the eps-ball
     around ``x`` and ``[0, 1]`` (removing float32 rounding). Call with the model in eval mode
-    and its per-sample hooks paused (as :func:`evaluate` does).
+    and its parameters frozen (as :func:`evaluate` does).
     """
+    import torchattacks  # imported on first use: a large import only AutoAttack needs
+
     target = CastInput(model, x.dtype).eval()
     attack = torchattacks.AutoAttack(target, norm="Linf", eps=eps, version="standard", n_classes=n_classes, seed=seed)
     return project(attack(x.float(), y).detach().to(x.dtype), x, eps)
@@ -79,8 +86,8 @@ def evaluate(
     """Accuracy of ``model`` (in eval mode) on clean inputs, PGD and optionally AutoAttack.
 
     Args:
-        model: a plain module or an Opacus ``GradSampleModule`` (its per-sample hooks are
-            paused, so evaluation leaves no ``grad_sample``), already on ``device``.
+        model: a plain module or an ENGM-wrapped one, already on ``device``. Its parameters are
+            frozen meanwhile, so no backward reaches them: no ``.grad`` and no ENGM records are left.
         loader: yields ``(x, y, ...)`` batches with ``x`` in ``[0, 1]``.
         eps: L-infinity radius in ``[0, 1]``.
         pgd_steps: PGD steps (cross-entropy, uniform random start, step ``step_size``).
@@ -103,7 +110,7 @@ def evaluate(
         raise ValueError(f"max_examples must be a positive int or None, got {max_examples!r}.")
     generator = torch.Generator().manual_seed(seed)
     clean = robust = auto = total = 0
-    with attack_mode(model, eval_mode=True), per_example_hooks_paused(model), parameters_frozen(model):
+    with attack_mode(model, eval_mode=True), parameters_frozen(model):
         for batch in loader:
             x, y = batch[0].to(device), batch[1].to(device)
             if max_examples is not None:
@@ -135,4 +142,60 @@ def evaluate(
         "pgd_acc": robust / total,
         "autoattack_acc": auto / total if autoattack else None,
         "n_examples": total,
+    }
+
+
+def evaluate_checkpoint(
+    checkpoint: str,
+    *,
+    autoattack: bool = True,
+    max_examples: Optional[int] = None,
+    pgd_steps: int = 20,
+    eps: Optional[float] = None,
+    step_size: Optional[float] = None,
+    batch_size: int = 256,
+    device: str = "auto",
+    data_dir: Optional[str] = None,
+    threads: Optional[int] = 1,
+) -> Dict[str, Any]:
+    """Evaluate a checkpoint on its dataset's test split (``threads``: torch CPU threads meanwhile, ``None`` = unchanged).
+
+    The model, dataset and threat model (eps, PGD step) come from the checkpoint's config;
+    the arguments given override them.
+
+    Returns:
+        ``{"checkpoint", "epoch", "dataset", "model", "optimizer", "at_method", "examples", "eps",
+        "step_size", "pgd_steps", "clean_acc", "pgd_acc", "autoattack_acc"}`` (``autoattack_acc``
+        is ``None`` when ``autoattack`` is off).
+
+    Raises:
+        CheckpointError: unreadable or foreign checkpoint.
+        FileNotFoundError: the dataset's files are absent.
+        ValueError: eps / step size outside [0, 1], bad ``max_examples``.
+    """
+    torch_device = resolve_device(device)
+    model, config, payload = load_trained_model(checkpoint, torch_device)
+    eps = config.eps if eps is None else eps
+    step_size = config.step_size if step_size is None else step_size
+    splits = load_dataset(config.dataset, config.data_dir if data_dir is None else data_dir)
+    test = limit(splits.test, max_examples)
+    with torch_threads(threads):
+        metrics = evaluate(
+            model, make_loader(test, batch_size, shuffle=False), eps=eps, pgd_steps=pgd_steps, step_size=step_size,
+            autoattack=autoattack, device=torch_device,
+        )
+    return {
+        "checkpoint": str(checkpoint),
+        "epoch": payload["epoch"],
+        "dataset": config.dataset,
+        "model": config.model,
+        "optimizer": config.optimizer,
+        "at_method": config.at_method,
+        "examples": len(test),
+        "eps": eps,
+        "step_size": step_size,
+        "pgd_steps": pgd_steps,
+        "clean_acc": metrics["clean_acc"],
+        "pgd_acc": metrics["pgd_acc"],
+        "autoattack_acc": metrics.get("autoattack_acc"),
     }

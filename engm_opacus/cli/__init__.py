@@ -1,6 +1,6 @@
-"""The ``engm-opacus`` command line (``python -m engm_opacus`` is the same).
+"""The ``engm-opacus`` command line (``python -m engm_opacus`` is the same): ``main`` and the subcommand registry.
 
-Each subcommand is one module in :mod:`engm_opacus.commands` listed in :data:`COMMANDS`.
+Each subcommand is one module of this package listed in :data:`COMMANDS`.
 A command module provides:
 
 * ``register(subparsers) -> argparse.ArgumentParser``: add its subparser (with ``help``)
@@ -8,7 +8,7 @@ A command module provides:
 * ``run(args: argparse.Namespace) -> int``: do the work and return the exit status.
 
 Adding a subcommand is one new module and one line in :data:`COMMANDS`. Bad input
-(``ValueError`` -- including :class:`~engm_opacus.checkpoints.CheckpointError` --,
+(``ValueError`` -- including :class:`~engm_opacus.train.checkpoints.CheckpointError` --,
 ``FileNotFoundError``, ``FileExistsError``) raised by a handler is printed as
 ``engm-opacus: error: ...`` and exits with status 2, like argparse's own usage errors.
 """
@@ -18,17 +18,26 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from fractions import Fraction
 from typing import List, Optional
 
 COMMANDS: List[str] = [
-    "engm_opacus.commands.train",
-    "engm_opacus.commands.eval",
-    "engm_opacus.commands.bench",
-    "engm_opacus.commands.diagnose",
+    "engm_opacus.cli.train",
+    "engm_opacus.cli.eval",
+    "engm_opacus.cli.bench",
+    "engm_opacus.cli.diagnose",
 ]
 """Modules of the subcommands, in the order ``--help`` lists them."""
 
 BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError)
+
+
+def number(text: str) -> float:
+    """A float written as a decimal or a fraction (``8/255``): the type of every numeric option."""
+    try:
+        return float(Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a number such as 0.03 or 8/255, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +61,3 @@ def main(argv: Optional[List[str]] = None) -> int:
     except BAD_INPUT as error:
         print(f"engm-opacus {args.command}: error: {error}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

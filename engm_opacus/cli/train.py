@@ -1,6 +1,6 @@
-"""``engm-opacus train``: adversarial training from the command line (see :func:`engm_opacus.train`).
+"""``engm-opacus train``: adversarial training from the command line (see :func:`engm_opacus.train.loop.train`).
 
-With no options it trains the default :class:`~engm_opacus.training.TrainConfig` (small
+With no options it trains the default :class:`~engm_opacus.train.config.TrainConfig` (small
 CNN, PGD-AT, ENGM on the embedded digits set). Options override single fields; with
 ``--resume CHECKPOINT`` the checkpoint's config is the base and only the options given
 override it (so ``engm-opacus train --resume runs/X/last.pt`` continues run X as it was).
@@ -10,23 +10,18 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict
-from fractions import Fraction
 from typing import Any, Callable, Dict
 
-from engm_opacus.data import DATASETS
-from engm_opacus.losses import at_method_names
-from engm_opacus.models import MODELS, NORMS
-from engm_opacus.training import DEVICES, OPTIMIZERS, SCHEDULES, TrainConfig, config_from_checkpoint, train
+from engm_opacus.at.losses import at_method_names
+from engm_opacus.cli import number
+from engm_opacus.train.checkpoints import load_checkpoint
+from engm_opacus.train.config import OPTIMIZERS, SCHEDULES, TrainConfig, config_from_payload
+from engm_opacus.train.data import DATASETS
+from engm_opacus.train.loop import train
+from engm_opacus.train.models import MODELS, NORMS
+from engm_opacus.train.runtime import DEVICES
 
 DEFAULTS = TrainConfig()
-
-
-def number(text: str) -> float:
-    """A float written as a decimal or a fraction (``8/255``)."""
-    try:
-        return float(Fraction(text.strip()))
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"expected a number such as 0.03 or 8/255, got {text!r}") from None
 
 
 def _add(parser: argparse.ArgumentParser, flag: str, help_text: str, type_: Callable[[str], Any] | None = None, **kwargs: Any) -> None:
@@ -71,10 +66,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     _add(attack, "--test-pgd-steps", "PGD steps of the final test evaluation", int)
     _add(attack, "--attack-eval-mode", "attack with the model in eval mode during training", action="store_true")
     optim = parser.add_argument_group("optimizer")
-    _add(optim, "--optimizer", "outer optimizer: engm, or msgd for the plain momentum-SGD baseline", str, choices=OPTIMIZERS)
+    _add(
+        optim, "--optimizer",
+        "outer optimizer: engm (exact per-example norms), engm-input-norm (norms estimated from input gradients), "
+        "or msgd for the plain momentum-SGD baseline", str, choices=OPTIMIZERS,
+    )
     _add(optim, "--gamma", "ENGM normalization floor in w_i = 1/max(||g_i||, gamma)", number)
-    _add(optim, "--engm-mode", "grad_sample_mode passed to make_engm", str)
-    _add(optim, "--engm-variant", "variant passed to make_engm (None: exact per-example norms)", str)
     _add(optim, "--lr", "base learning rate", number)
     _add(optim, "--momentum", "SGD momentum", number)
     _add(optim, "--weight-decay", "SGD weight decay", number)
@@ -97,11 +94,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """``TrainConfig()`` (or the ``--resume`` checkpoint's config) with the given options applied."""
     given: Dict[str, Any] = {k: v for k, v in vars(args).items() if k in asdict(DEFAULTS)}
-    base = config_from_checkpoint(given["resume"]) if "resume" in given else TrainConfig()
+    base = config_from_payload(load_checkpoint(given["resume"])) if "resume" in given else TrainConfig()
     return TrainConfig(**{**asdict(base), **given})
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Train; the final accuracies are printed by :func:`engm_opacus.train`."""
+    """Train; the final accuracies are printed by :func:`engm_opacus.train.loop.train`."""
     train(config_from_args(args))
     return 0

@@ -1,4 +1,4 @@
-"""Models for adversarial training: a small CNN, PreAct ResNet-18 and WideResNet-34-10.
+"""Models for adversarial training, registered by name: a small CNN, PreAct ResNet-18 and WideResNet-34-10.
 
 The ResNets follow the reference AT codebases layer for layer: PreAct ResNet-18 as in
 Rice et al. (2020, "Overfitting in adversarially robust deep learning",
@@ -13,13 +13,13 @@ Every model takes ``norm``: ``"batch"`` (``BatchNorm2d``, what AT users train) o
 ``ModuleValidator.fix`` uses ``min(32, C)``, which equals ``gcd(32, C)`` for the
 power-of-two widths used here). GroupNorm keeps every example's gradient its own, so
 it is the training default; BatchNorm mixes the examples of a batch, and ENGM on it uses
-the definition of :mod:`engm_opacus.batchnorm`.
+the per-example definition of :mod:`engm_opacus.per_example`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Literal, Tuple
+from typing import Any, Callable, Dict, Literal, Tuple, TypeVar
 
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -27,6 +27,26 @@ from torch.nn import functional as F
 Norm = Literal["batch", "group"]
 NORMS: Tuple[str, ...] = ("batch", "group")
 SMALL_CNN_POOL = 4
+
+Builder = TypeVar("Builder", bound=Callable[..., nn.Module])
+MODELS: Dict[str, Callable[..., nn.Module]] = {}
+"""The registry: model name -> builder (``num_classes``, ``in_channels``, ``norm``, ``width`` keywords)."""
+
+
+def register_model(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: register a builder under ``name`` for :func:`build_model` (and ``--model`` / ``TrainConfig.model``).
+
+    The builder takes the keywords ``num_classes``, ``in_channels``, ``norm`` and ``width``, each
+    with a default. Registering a name twice raises ``ValueError``.
+    """
+
+    def register(builder: Builder) -> Builder:
+        if name in MODELS:
+            raise ValueError(f"A model named {name!r} is already registered ({MODELS[name].__qualname__}). Fix: pick another name.")
+        MODELS[name] = builder
+        return builder
+
+    return register
 
 
 def norm_layer(norm: Norm, channels: int) -> nn.Module:
@@ -203,14 +223,22 @@ class WideResNet(nn.Module):
         return self.fc(self.pool(out).flatten(1))
 
 
+@register_model("small-cnn")
 def small_cnn(num_classes: int = 10, in_channels: int = 1, norm: Norm = "group", width: int = 16) -> SmallCNN:
     """The default model for digits; see :class:`SmallCNN`."""
     return SmallCNN(num_classes=num_classes, in_channels=in_channels, norm=norm, width=width)
 
 
+@register_model("preact-resnet18")
 def preact_resnet18(num_classes: int = 10, in_channels: int = 3, norm: Norm = "batch", width: int = 64) -> PreActResNet18:
     """PreAct ResNet-18 (Rice et al. 2020); ``width=64`` is the standard model, smaller widths are for tests."""
     return PreActResNet18(num_classes=num_classes, in_channels=in_channels, norm=norm, width=width)
+
+
+@register_model("wrn-34-10")
+def wrn_34_10(num_classes: int = 10, in_channels: int = 3, norm: Norm = "batch", width: int = 10) -> WideResNet:
+    """WRN-34-10 (TRADES codebase); ``width`` is the widen factor (10), smaller ones are for tests."""
+    return WideResNet(34, width, num_classes, in_channels, norm)
 
 
 def wide_resnet(
@@ -221,53 +249,22 @@ def wide_resnet(
     norm: Norm = "batch",
     drop_rate: float = 0.0,
 ) -> WideResNet:
-    """WideResNet (TRADES codebase); the defaults give WRN-34-10, ``depth=10, widen_factor=1`` a tiny one."""
+    """WideResNet of any depth (TRADES codebase); the defaults give WRN-34-10, ``depth=10, widen_factor=1`` a tiny one."""
     return WideResNet(depth, widen_factor, num_classes, in_channels, norm, drop_rate)
 
 
-def _wrn_34_10(num_classes: int, in_channels: int, norm: Norm, width: int | None = None) -> WideResNet:
-    """WRN-34-10; ``width`` (if given) replaces the widen factor 10, for tiny test versions."""
-    return wide_resnet(34, 10 if width is None else width, num_classes, in_channels, norm)
-
-
-def _small_cnn(num_classes: int, in_channels: int, norm: Norm, width: int | None = None) -> SmallCNN:
-    return small_cnn(num_classes, in_channels, norm, 16 if width is None else width)
-
-
-def _preact_resnet18(num_classes: int, in_channels: int, norm: Norm, width: int | None = None) -> PreActResNet18:
-    return preact_resnet18(num_classes, in_channels, norm, 64 if width is None else width)
-
-
-MODELS: Dict[str, Callable[..., nn.Module]] = {
-    "small-cnn": _small_cnn,
-    "preact-resnet18": _preact_resnet18,
-    "wrn-34-10": _wrn_34_10,
-}
-
-
-def build_model(
-    name: str,
-    *,
-    num_classes: int = 10,
-    in_channels: int = 3,
-    norm: Norm = "group",
-    width: int | None = None,
-) -> nn.Module:
-    """Build a registered model by name.
+def build_model(name: str, **options: Any) -> nn.Module:
+    """Build the model registered as ``name``.
 
     Args:
         name: one of :data:`MODELS` (``"small-cnn"``, ``"preact-resnet18"``, ``"wrn-34-10"``).
-        num_classes: output logits.
-        in_channels: input image channels (1 for digits, 3 for CIFAR).
-        norm: ``"group"`` (default; exact per-example gradients for ENGM) or ``"batch"``.
-        width: base width (small-cnn: 16, preact-resnet18: 64) or widen factor (wrn-34-10: 10);
-            ``None`` keeps the standard value.
+        **options: keyword arguments of the builder: ``num_classes``, ``in_channels``, ``norm``
+            (``"batch"`` or ``"group"``) and ``width`` (small-cnn: 16, preact-resnet18: 64, wrn-34-10:
+            the widen factor 10). An option set to ``None`` keeps the builder's default.
 
     Raises:
-        ValueError: unknown ``name`` (the message lists the valid names) or ``norm``.
+        ValueError: unknown ``name`` (the message lists the registered ones) or ``norm``.
     """
     if name not in MODELS:
-        raise ValueError(f"Unknown model {name!r}. Fix: use one of {', '.join(MODELS)}.")
-    if norm not in NORMS:
-        raise ValueError(f"Unknown norm {norm!r}. Fix: use one of {', '.join(NORMS)}.")
-    return MODELS[name](num_classes, in_channels, norm, width)
+        raise ValueError(f"Unknown model {name!r}. Fix: use one of {', '.join(MODELS)} (or register yours with @register_model).")
+    return MODELS[name](**{key: value for key, value in options.items() if value is not None})

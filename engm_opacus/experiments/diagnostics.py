@@ -1,4 +1,4 @@
-"""Gradient diagnostics behind ENGM: natural training (NT) vs PGD-AT on the same model and data.
+"""Gradient diagnostics behind ENGM and its input-norm variant: natural training (NT) vs PGD-AT, same model and data.
 
 Both regimes start from the same initialization, see the same batches in the same order
 and are trained by the same momentum SGD (MSGD); only the training loss differs
@@ -11,40 +11,56 @@ loss ``l_i`` gives (``g_i = grad_theta l_i``, exact, model without BatchNorm):
   ``tr C = (1/P) sum_i ||g_i - g_bar||^2 = (1/P) sum_i ||g_i||^2 - ||g_bar||^2``,
   and the variance of a mini-batch mean of ``B`` examples drawn with replacement, ``tr C / B``;
 * Pearson and Spearman correlation between ``||g_i||`` and ``||grad_x l_i||`` (at ``x_adv``
-  for AT): how well the cheap variant's estimate (:mod:`engm_opacus.cheap`) can track;
+  for AT): how well the input-norm variant's estimate ``n_i ~= s ||grad_x l_i||``
+  (:class:`~engm_opacus.optim.InputNormEstimator`) can track the exact norms;
 * the ENGM weights ``w_i = 1/max(||g_i||, gamma)`` for a given ``gamma``.
 
+The exact ``||g_i||`` and ``w_i`` are what exact ENGM computes: each measurement wraps a copy of
+the model with :func:`~engm_opacus.make_engm` (``lr=0``, so its step changes nothing) and reads
+``optimizer.last_step`` after one ordinary ``loss.backward()`` per probe batch.
+
 Results: ``summary.csv`` (one row per regime and measurement), ``per_example.csv`` (norms
-and weights of every probe example), PNG plots, and the AT/NT ratios.
+and weights of every probe example), ``ratios.csv`` (AT/NT), PNG plots
+(:mod:`engm_opacus.experiments.diagnostics_report`).
 """
 
 from __future__ import annotations
 
-import csv
+import copy
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from matplotlib.figure import Figure
-from rich.table import Table
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from engm_opacus.attacks import validate_threat_model
-from engm_opacus.cheap import exact_per_example_norms, pearson
-from engm_opacus.data import load_digits_splits, make_loader
-from engm_opacus.losses.pgd_at import PGDAT
-from engm_opacus.models import small_cnn
-from engm_opacus.weights import engm_weights, validate_gamma
+from engm_opacus.at.attacks import pgd_linf, validate_threat_model
+from engm_opacus.experiments.diagnostics_report import plot_all
+from engm_opacus.functional import validate_gamma
+from engm_opacus.train.data import load_digits_splits, make_loader
+from engm_opacus.train.logs import write_csv
+from engm_opacus.train.models import small_cnn
+from engm_opacus.wrap import make_engm
 
 REGIMES: Tuple[str, ...] = ("NT", "AT")
+Attack = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``attack(model, x, y) -> x_adv`` (e.g. :func:`~engm_opacus.at.attacks.pgd_linf` with its options bound)."""
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Pearson's correlation ``cov(x, y) / (std(x) std(y))`` of two ``[N]`` tensors, in float64."""
+    x = x.detach().double().flatten()
+    y = y.detach().double().flatten()
+    x, y = x - x.mean(), y - y.mean()
+    return float((x * y).sum() / (x.norm() * y.norm()))
 
 
 def average_ranks(values: torch.Tensor) -> torch.Tensor:
     """Ranks ``1..N`` of ``values``, ties sharing their average rank (as Spearman's rho needs)."""
-    unique, inverse, counts = torch.unique(values.detach().double(), return_inverse=True, return_counts=True)
+    _, inverse, counts = torch.unique(values.detach().double(), return_inverse=True, return_counts=True)
     ends = torch.cumsum(counts, 0).double()
     return ((ends - counts + 1 + ends) / 2)[inverse]
 
@@ -59,8 +75,9 @@ class GradientStats:
     """Per-example gradient statistics of one loss on one probe set.
 
     Attributes:
-        param_norms: ``[P]`` ``||g_i||_2``.
+        param_norms: ``[P]`` ``||g_i||_2`` (``optimizer.last_step.per_example_norms`` of exact ENGM).
         input_norms: ``[P]`` ``||grad_x l_i||_2``.
+        weights: ``[P]`` ENGM weights ``w_i = 1/max(||g_i||, gamma)`` (``optimizer.last_step.weights``).
         mean_grad_norm: ``(1/P) sum_i ||g_i||``.
         trace_covariance: ``(1/P) sum_i ||g_i - g_bar||^2``.
         mean_loss: ``(1/P) sum_i l_i``.
@@ -68,6 +85,7 @@ class GradientStats:
 
     param_norms: torch.Tensor
     input_norms: torch.Tensor
+    weights: torch.Tensor
     mean_grad_norm: float
     trace_covariance: float
     mean_loss: float
@@ -77,48 +95,56 @@ class GradientStats:
         return self.trace_covariance / batch_size
 
 
-def regime_losses(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, regime: str, attack: PGDAT
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``([B] per-example losses, leaf input they were computed at)`` for ``"NT"`` (clean) or ``"AT"`` (PGD)."""
+def regime_input(model: nn.Module, x: torch.Tensor, y: torch.Tensor, regime: str, attack: Attack) -> torch.Tensor:
+    """The input the regime's loss is computed at: ``x`` for ``"NT"``, ``attack(model, x, y)`` for ``"AT"``."""
     if regime == "NT":
-        leaf = x.detach().clone().requires_grad_(True)
-        return F.cross_entropy(model(leaf), y, reduction="none"), leaf
+        return x
     if regime == "AT":
-        out = attack(model, x, y, track_input_grad=True)
-        return out.per_example, out.x_adv
+        return attack(model, x, y)
     raise ValueError(f"Unknown regime {regime!r}. Fix: use one of {', '.join(REGIMES)}.")
 
 
 def gradient_stats(
-    model: nn.Module, batches: Sequence[Tuple[torch.Tensor, torch.Tensor]], regime: str, attack: PGDAT
+    model: nn.Module, batches: Sequence[Tuple[torch.Tensor, torch.Tensor]], regime: str, attack: Attack, gamma: float = 1.0
 ) -> GradientStats:
-    """Exact per-example statistics of ``regime``'s loss over all examples of ``batches``.
+    """Exact per-example statistics of ``regime``'s loss ``CE(f(x_in), y)`` over all examples of ``batches``.
 
+    A deep copy of ``model`` is wrapped by ``make_engm`` (``gamma``, SGD with ``lr=0``); per batch,
+    one ``loss.backward()`` of the mean loss, then ``step()`` fills ``last_step``. The input
+    gradient of the mean loss is ``grad_x l_i / B``, and ``p.grad`` is ``(1/B) sum_i g_i``.
     ``tr C = mean_i ||g_i||^2 - ||g_bar||^2`` with ``g_bar`` the mean gradient over the whole
-    probe set (accumulated across batches), so the result does not depend on the batching.
+    probe set, so the result does not depend on the batching. ``model`` itself is not touched.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    param_norms: List[torch.Tensor] = []
+    probe = copy.deepcopy(model)
+    params = [p for p in probe.parameters() if p.requires_grad]
+    wrapped, optimizer = make_engm(probe, torch.optim.SGD(params, lr=0.0), gamma=gamma)
+    norms: List[torch.Tensor] = []
+    weights: List[torch.Tensor] = []
     input_norms: List[torch.Tensor] = []
     grad_sum = [torch.zeros_like(p) for p in params]
     loss_sum = 0.0
     for x, y in batches:
-        losses, leaf = regime_losses(model, x, y, regime, attack)
-        param_norms.append(exact_per_example_norms(losses, params).detach())
-        *grads, input_grad = torch.autograd.grad(losses.sum(), params + [leaf])
-        for total, g in zip(grad_sum, grads):
-            total += g
-        input_norms.append(input_grad.flatten(1).norm(dim=1))
-        loss_sum += float(losses.detach().sum())
-    norms = torch.cat(param_norms).double()
-    count = len(norms)
+        leaf = regime_input(model, x, y, regime, attack).detach().clone().requires_grad_(True)
+        loss = F.cross_entropy(wrapped(leaf), y)
+        loss.backward()
+        size = len(y)
+        input_norms.append(size * leaf.grad.flatten(1).norm(dim=1))
+        for total, p in zip(grad_sum, params):
+            total += size * p.grad
+        optimizer.step()
+        norms.append(optimizer.last_step.per_example_norms)
+        weights.append(optimizer.last_step.weights)
+        optimizer.zero_grad()
+        loss_sum += float(loss.detach()) * size
+    param_norms = torch.cat(norms).detach().double()
+    count = len(param_norms)
     mean_grad_sq = float(sum((g.double() / count).pow(2).sum() for g in grad_sum))
     return GradientStats(
-        param_norms=norms,
-        input_norms=torch.cat(input_norms).double(),
-        mean_grad_norm=float(norms.mean()),
-        trace_covariance=float(norms.pow(2).mean()) - mean_grad_sq,
+        param_norms=param_norms,
+        input_norms=torch.cat(input_norms).detach().double(),
+        weights=torch.cat(weights).detach().double(),
+        mean_grad_norm=float(param_norms.mean()),
+        trace_covariance=float(param_norms.pow(2).mean()) - mean_grad_sq,
         mean_loss=loss_sum / count,
     )
 
@@ -138,7 +164,7 @@ class DiagnosticsConfig:
         gamma: the ENGM floor for the weight distribution.
         probe_size: number of training examples measured.
         max_train_examples: cap on the training set (``None``: all 1,257 digits).
-        width: base width of the small CNN (GroupNorm, so ``g_i`` is exact).
+        width: base width of the small CNN (GroupNorm, so ``g_i = grad l_i``).
         seed: initialization, batch order and PGD start.
     """
 
@@ -215,7 +241,6 @@ class DiagnosticsResult:
 
 def summary_row(regime: str, epoch: int, stats: GradientStats, config: DiagnosticsConfig) -> Dict[str, float | int | str]:
     """One ``summary.csv`` row."""
-    weights = engm_weights(stats.param_norms, config.gamma)
     return {
         "regime": regime,
         "epoch": epoch,
@@ -225,20 +250,20 @@ def summary_row(regime: str, epoch: int, stats: GradientStats, config: Diagnosti
         "batch_mean_variance": stats.batch_mean_variance(config.batch_size),
         "pearson": pearson(stats.param_norms, stats.input_norms),
         "spearman": spearman(stats.param_norms, stats.input_norms),
-        "mean_weight": float(weights.mean()),
+        "mean_weight": float(stats.weights.mean()),
         "fraction_above_gamma": float((stats.param_norms > config.gamma).double().mean()),
     }
 
 
 def train_epoch(
-    model: nn.Module, optimizer: torch.optim.Optimizer, loader: torch.utils.data.DataLoader, regime: str, attack: PGDAT
+    model: nn.Module, optimizer: torch.optim.Optimizer, loader: torch.utils.data.DataLoader, regime: str, attack: Attack
 ) -> None:
     """One epoch of MSGD on the regime's mean loss."""
     model.train()
     for x, y in loader:
-        losses, _ = regime_losses(model, x, y, regime, attack)
+        loss = F.cross_entropy(model(regime_input(model, x, y, regime, attack)), y)
         optimizer.zero_grad()
-        losses.mean().backward()
+        loss.backward()
         optimizer.step()
 
 
@@ -254,7 +279,7 @@ def run_diagnostics(out_dir: Path | str, config: DiagnosticsConfig = Diagnostics
         images, labels = images[: config.max_train_examples], labels[: config.max_train_examples]
     probe_count = min(config.probe_size, len(images))
     probe = [
-        (images[i : i + config.batch_size], labels[i : i + config.batch_size])
+        (images[i : min(i + config.batch_size, probe_count)], labels[i : min(i + config.batch_size, probe_count)])
         for i in range(0, probe_count, config.batch_size)
     ]
     result = DiagnosticsResult()
@@ -265,8 +290,8 @@ def run_diagnostics(out_dir: Path | str, config: DiagnosticsConfig = Diagnostics
         optimizer = torch.optim.SGD(
             model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
-        attack = PGDAT(
-            eps=config.eps, step_size=config.step_size, steps=config.pgd_steps,
+        attack = partial(
+            pgd_linf, eps=config.eps, step_size=config.step_size, steps=config.pgd_steps,
             generator=torch.Generator().manual_seed(config.seed),
         )
         loader = make_loader(
@@ -276,104 +301,18 @@ def run_diagnostics(out_dir: Path | str, config: DiagnosticsConfig = Diagnostics
         for epoch in range(config.epochs + 1):
             if epoch > 0:
                 train_epoch(model, optimizer, loader, regime, attack)
-            stats = gradient_stats(model, probe, regime, attack)
+            stats = gradient_stats(model, probe, regime, attack, config.gamma)
             result.rows.append(summary_row(regime, epoch, stats, config))
-            weights = engm_weights(stats.param_norms, config.gamma)
-            for i, (n, m, w) in enumerate(zip(stats.param_norms, stats.input_norms, weights)):
+            for i, (n, m, w) in enumerate(zip(stats.param_norms, stats.input_norms, stats.weights)):
                 per_example.append(
                     {"regime": regime, "epoch": epoch, "example": i, "param_grad_norm": float(n),
                      "input_grad_norm": float(m), "weight": float(w)}
                 )
         result.final[regime] = stats
     result.files += [
-        write_csv(out / "summary.csv", result.rows),
-        write_csv(out / "per_example.csv", per_example),
-        write_csv(out / "ratios.csv", result.ratios()),
+        write_csv(result.rows, out / "summary.csv"),
+        write_csv(per_example, out / "per_example.csv"),
+        write_csv(result.ratios(), out / "ratios.csv"),
     ]
     result.files += plot_all(out, result, config)
     return result
-
-
-def write_csv(path: Path, rows: Sequence[Dict]) -> Path:
-    """Write ``rows`` (dicts with the same keys) as CSV with a header; return ``path``."""
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
-
-
-def plot_all(out: Path, result: DiagnosticsResult, config: DiagnosticsConfig) -> List[Path]:
-    """Write the three PNG plots (matplotlib's object API, Agg canvas; no pyplot state); return their paths."""
-    series = {regime: [row for row in result.rows if row["regime"] == regime] for regime in REGIMES}
-
-    def curves(ax, key: str, label: str, log: bool = False) -> None:
-        for regime, rows in series.items():
-            ax.plot([r["epoch"] for r in rows], [r[key] for r in rows], marker="o", label=regime)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(label)
-        if log:
-            ax.set_yscale("log")
-        ax.legend()
-
-    paths = []
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    left, right = fig.subplots(1, 2)
-    curves(left, "mean_grad_norm", "mean per-example ||grad_theta l_i||")
-    curves(right, "trace_covariance", "tr Cov(g_i) = mean ||g_i - g_bar||^2", log=True)
-    fig.suptitle("Per-example gradient norm and variance: natural training vs PGD-AT (MSGD)")
-    paths.append(save(fig, out / "gradient_norm_variance.png"))
-
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    left, right = fig.subplots(1, 2)
-    for regime, rows in series.items():
-        left.plot([r["epoch"] for r in rows], [r["pearson"] for r in rows], marker="o", label=f"{regime} Pearson")
-        left.plot([r["epoch"] for r in rows], [r["spearman"] for r in rows], marker="s", ls="--", label=f"{regime} Spearman")
-        stats = result.final[regime]
-        right.scatter(stats.input_norms.numpy(), stats.param_norms.numpy(), s=8, alpha=0.6, label=regime)
-    left.set_xlabel("epoch")
-    left.set_ylabel("corr(||grad_theta l_i||, ||grad_x l_i||)")
-    left.legend()
-    right.set_xscale("log")
-    right.set_yscale("log")
-    right.set_xlabel("||grad_x l_i||")
-    right.set_ylabel("||grad_theta l_i||")
-    right.set_title(f"after epoch {config.epochs}")
-    right.legend()
-    paths.append(save(fig, out / "norm_correlation.png"))
-
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    ax = fig.subplots()
-    for regime in REGIMES:
-        weights = engm_weights(result.final[regime].param_norms, config.gamma).numpy()
-        ax.hist(weights, bins=30, alpha=0.6, label=regime)
-    ax.set_xlabel(f"w_i = 1 / max(||g_i||, gamma), gamma = {config.gamma:g}")
-    ax.set_yscale("log")  # the examples with n_i > gamma are the tail
-    ax.set_ylabel("examples")
-    ax.set_title(f"ENGM weights after epoch {config.epochs}")
-    ax.legend()
-    paths.append(save(fig, out / "weights.png"))
-    return paths
-
-
-def save(fig: Figure, path: Path) -> Path:
-    """Save ``fig`` as PNG at ``path``; return ``path``."""
-    fig.savefig(path, dpi=100)
-    return path
-
-
-def ratios_table(result: DiagnosticsResult) -> Table:
-    """A rich table: per measurement, AT/NT ratios of mean gradient norm and ``tr C``, and the correlations."""
-    table = Table(title="AT vs NT gradient statistics (probe set, exact per-example gradients)")
-    for header in ("epoch", "norm AT/NT", "var AT/NT", "Pearson NT", "Pearson AT", "Spearman NT", "Spearman AT"):
-        table.add_column(header, justify="right")
-    for row in result.ratios():
-        table.add_row(
-            str(row["epoch"]),
-            f"{row['norm_ratio']:.2f}x",
-            f"{row['variance_ratio']:.2f}x",
-            *(f"{row[key]:.3f}" for key in ("pearson_nt", "pearson_at", "spearman_nt", "spearman_at")),
-        )
-    return table

@@ -1,7 +1,7 @@
 """``engm-opacus bench``: does ENGM help? ENGM vs MSGD across AT methods, seeds and hyper-parameters.
 
-Runs :func:`engm_opacus.benchmark.run_benchmark` (``benchmarks/engm_vs_msgd.py`` is the same
-command). ``--quick`` uses :func:`engm_opacus.benchmark.quick_config` (2 CPU cores, < 15 min);
+Runs :func:`engm_opacus.experiments.benchmark.run_benchmark` (``benchmarks/engm_vs_msgd.py`` is
+the same command). ``--quick`` uses :func:`engm_opacus.experiments.benchmark.quick_config` (2 CPU cores, < 15 min);
 without it the full budget (all data, 30 epochs on digits, AutoAttack on up to 1000 test
 examples; meant for a GPU). Re-running with the same options reuses finished runs and
 resumes interrupted ones.
@@ -13,8 +13,10 @@ import argparse
 from dataclasses import replace
 from typing import Any, Dict
 
-from engm_opacus.benchmark import DEFAULT_METHODS, OPTIMIZER_CHOICES, BenchConfig, quick_config, run_benchmark
-from engm_opacus.losses import at_method_names
+from engm_opacus.at.losses import at_method_names
+from engm_opacus.experiments.benchmark import DEFAULT_METHODS, OPTIMIZER_CHOICES, BenchConfig, quick_config, run_benchmark
+from engm_opacus.train.data import DATASETS
+from engm_opacus.train.runtime import DEVICES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -28,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--wd-multipliers", nargs="*", type=float, help="weight-decay factors of the sensitivity sweep (default: 0.1 1 10; none: no wd sweep)")
     parser.add_argument("--gamma-multipliers", nargs="*", type=float, help="gamma factors of the ENGM gamma sweep (default: 0.25 1 4; none: no sweep)")
     parser.add_argument("--lr-msgd", type=float, help="base lr of MSGD (default: DEFAULT_LR['msgd'] = 0.1)")
-    parser.add_argument("--lr-engm", type=float, help="base lr of ENGM, exact and cheap (default: DEFAULT_LR['engm'] = 0.5)")
+    parser.add_argument("--lr-engm", type=float, help="base lr of ENGM, exact and input-norm (default: DEFAULT_LR['engm'] = 0.5)")
     parser.add_argument("--gamma", type=float, help="ENGM gamma (default: 1)")
     parser.add_argument("--autoattack-examples", type=int, help="test examples for AutoAttack, 0 = off (default: 1000; quick: 16)")
     parser.add_argument("--autoattack-seeds", type=int, help="AutoAttack only for the first N seeds (default: all; quick: 1)")
@@ -38,10 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-val-examples", type=int, help="validate on the first N examples (default: all; quick: 64)")
     parser.add_argument("--max-test-examples", type=int, help="test on the first N examples (default: all; quick: 200)")
     parser.add_argument("--pgd-steps", type=int, help="PGD steps of the training attack (default: 10; quick: 5)")
-    parser.add_argument("--dataset", choices=("digits", "cifar10", "cifar100"), help="dataset (default: digits)")
+    parser.add_argument("--dataset", choices=DATASETS, help="dataset (default: digits)")
     parser.add_argument("--data-dir", help="folder with the CIFAR files")
     parser.add_argument("--model", help="architecture (default: small-cnn; preact-resnet18 with --dataset cifar10)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="device (default: auto; quick: cpu)")
+    parser.add_argument("--device", choices=DEVICES, help="device (default: auto; quick: cpu)")
     parser.add_argument("--jobs", type=int, help="runs in parallel, 1 torch thread each (default: 1; quick: 2)")
     parser.add_argument("--out-dir", help="results folder (default: benchmarks/results/engm_vs_msgd[-quick])")
     return parser
@@ -74,6 +76,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the benchmark; tables are printed and files written by :func:`~engm_opacus.benchmark.run_benchmark`."""
+    """Run the benchmark; tables are printed and files written by :func:`~engm_opacus.experiments.benchmark.run_benchmark`."""
     run_benchmark(bench_config_from_args(args))
     return 0
