@@ -91,7 +91,8 @@ class ENGMModule(GradSampleModule):
         """Register one forward hook per layer that owns parameters (no full backward hooks)."""
         if hasattr(self._module, "autograd_grad_sample_hooks"):
             raise ValueError(
-                "This model already carries Opacus hooks. Fix: pass the plain model to make_engm, once."
+                "This model already carries Opacus hooks (it was wrapped before, or deep-copied from a wrapped model). "
+                "Fix: pass a plain model to make_engm, once (deep-copy it before wrapping, not after)."
             )
         self._module.autograd_grad_sample_hooks = []
         self.autograd_grad_sample_hooks = self._module.autograd_grad_sample_hooks

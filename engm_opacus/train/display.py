@@ -54,7 +54,7 @@ def epoch_table(history: List[Dict[str, Any]]) -> Table:
 
 def result_table(config: TrainConfig, epochs: int, best_epoch: int, test_last: Dict[str, Any], test_best: Dict[str, Any]) -> Table:
     """Clean and PGD test accuracy of the last and the best-validation model."""
-    table = Table(title=f"{run_title(config)} on {config.dataset} test split (eps {format_eps(config.eps)})")
+    table = Table(title=f"{OPTIMIZER_LABELS[config.optimizer]} + {config.at_method} on {config.dataset} test split (eps {format_eps(config.eps)})")
     table.add_column("model")
     table.add_column("clean acc", justify="right")
     table.add_column(f"PGD-{config.test_pgd_steps} acc", justify="right")

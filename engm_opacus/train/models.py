@@ -241,18 +241,6 @@ def wrn_34_10(num_classes: int = 10, in_channels: int = 3, norm: Norm = "batch",
     return WideResNet(34, width, num_classes, in_channels, norm)
 
 
-def wide_resnet(
-    depth: int = 34,
-    widen_factor: int = 10,
-    num_classes: int = 10,
-    in_channels: int = 3,
-    norm: Norm = "batch",
-    drop_rate: float = 0.0,
-) -> WideResNet:
-    """WideResNet of any depth (TRADES codebase); the defaults give WRN-34-10, ``depth=10, widen_factor=1`` a tiny one."""
-    return WideResNet(depth, widen_factor, num_classes, in_channels, norm, drop_rate)
-
-
 def build_model(name: str, **options: Any) -> nn.Module:
     """Build the model registered as ``name``.
 

@@ -34,7 +34,7 @@ from engm_opacus.per_example.rules.base import (
     scaled_per_example,
     squared_row_norms,
 )
-from engm_opacus.per_example.rules.outer import outer_product_squared_norms
+from engm_opacus.per_example.rules.outer import outer_product_squared_norms, prefer_ghost
 
 Conv = Union[nn.Conv1d, nn.Conv2d, nn.Conv3d]
 
@@ -110,7 +110,7 @@ class ConvReduction:
         positions = len(self.calls) * int(b[0, 0].numel())
         d = layer.in_channels // layer.groups * int(torch.Size(layer.kernel_size).numel())
         p = layer.out_channels // layer.groups
-        return positions * (d + p) < p * d
+        return prefer_ghost(positions, d, p)
 
     def squared_norms(self) -> ParamTensors:
         """Ghost norms or instantiated per-example gradients, whichever costs fewer operations."""
@@ -142,7 +142,7 @@ class ConvReduction:
             grads.append(call.backprops.to(self.dtype).reshape(n, groups, layer.out_channels // groups, positions).transpose(2, 3))
         a = patches[0] if len(patches) == 1 else torch.cat(patches, 2)
         b = grads[0] if len(grads) == 1 else torch.cat(grads, 2)
-        return outer_product_squared_norms(a, b)
+        return outer_product_squared_norms(a, b, ghost=True)
 
     def _instantiate(self) -> torch.Tensor:
         """``[B, C_out, C_in / groups, *kernel]`` per-example weight gradients, summed over calls."""

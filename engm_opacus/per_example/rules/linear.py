@@ -19,7 +19,7 @@ from torch import nn
 
 from engm_opacus.per_example.records import LayerCall
 from engm_opacus.per_example.rules.base import ParamTensors, add_into, compute_dtype, register_rule, scaled_per_example
-from engm_opacus.per_example.rules.outer import bias_squared_norms, outer_product_squared_norms
+from engm_opacus.per_example.rules.outer import bias_squared_norms, outer_product_squared_norms, prefer_ghost
 
 
 class LinearReduction:
@@ -36,7 +36,9 @@ class LinearReduction:
         b = torch.cat([c.backprops.to(dtype).reshape(n, -1, layer.out_features) for c in calls], 1).unsqueeze(1)
         out: ParamTensors = {}
         if calls[0].reaches(layer.weight):
-            out[layer.weight] = outer_product_squared_norms(a, b)
+            out[layer.weight] = outer_product_squared_norms(
+                a, b, ghost=prefer_ghost(a.shape[2], layer.in_features, layer.out_features)
+            )
         if calls[0].reaches(layer.bias):
             out[layer.bias] = bias_squared_norms(b)
         return out

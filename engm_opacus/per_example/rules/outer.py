@@ -23,18 +23,23 @@ CHUNK_ELEMENTS = 1 << 22
 """Floor of the per-chunk temporary budget (elements)."""
 
 
-def outer_product_squared_norms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``[B]`` squared Frobenius norms of ``sum_g ||B_{i,g}^T A_{i,g}||^2``.
+def prefer_ghost(positions: int, d: int, p: int) -> bool:
+    """Whether the ghost norm (``T^2 (D + P)``) costs fewer operations than instantiating ``G_i`` (``T P D``)."""
+    return positions * (d + p) < p * d
+
+
+def outer_product_squared_norms(a: torch.Tensor, b: torch.Tensor, *, ghost: bool) -> torch.Tensor:
+    """``[B]`` squared Frobenius norms ``sum_g ||B_{i,g}^T A_{i,g}||^2``.
 
     Args:
         a: ``[B, G, T, D]`` inputs per example, group and position.
         b: ``[B, G, T, P]`` output gradients per example, group and position.
+        ghost: ghost norm (``True``) or instantiated ``G_i`` (``False``); see :func:`prefer_ghost`.
     """
     n, groups, positions, d = a.shape
     p = b.shape[-1]
     if positions == 1:
         return (squared_group_norms(a) * squared_group_norms(b)).sum(1)
-    ghost = positions * (d + p) < p * d
     per_example = groups * (positions * positions if ghost else p * d)
     budget = max(CHUNK_ELEMENTS, a.numel() + b.numel())
     chunk = max(1, min(n, budget // max(per_example, 1)))
