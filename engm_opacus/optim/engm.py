@@ -32,6 +32,9 @@ from engm_opacus.per_example import BackwardRecord, ENGMModule, LayerReduction, 
 
 NonFinitePolicy = Literal["raise", "skip"]
 
+VERIFY_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
+"""Relative tolerance of the first-step check per ``p.grad`` dtype (reduced precision: ``5e-2``)."""
+
 
 def require_torch_optimizer(optimizer: object) -> torch.optim.Optimizer:
     """Return ``optimizer`` or raise ``TypeError`` if it is not a plain ``torch.optim.Optimizer``."""
@@ -64,6 +67,10 @@ class ENGMOptimizer(DPOptimizer):
         on_nonfinite: ``"raise"`` (``FloatingPointError``) or ``"skip"`` (no update, momentum
             untouched, recorded in :attr:`last_step`) on NaN/inf per-example norms.
         estimator: the input-norm variant's estimator, or ``None`` for exact norms.
+        verify_steps: on this many first steps, check that the recorded per-example gradients
+            sum to ``p.grad`` (one extra weighted-gradient computation): a parameter used outside
+            its layer's forward (tied weights, ``F.linear(x, layer.weight)``) or gradients cleared
+            behind ENGM's back raise instead of giving a wrong update. ``0`` turns it off.
     """
 
     _step_supports_amp_scaling = True
@@ -76,6 +83,7 @@ class ENGMOptimizer(DPOptimizer):
         gamma: float,
         on_nonfinite: NonFinitePolicy = "raise",
         estimator: Optional[InputNormEstimator] = None,
+        verify_steps: int = 1,
     ):
         require_torch_optimizer(optimizer)
         if on_nonfinite not in ("raise", "skip"):
@@ -89,6 +97,7 @@ class ENGMOptimizer(DPOptimizer):
         self.last_step: Optional[ENGMStepStats] = None
         self._norms: List[torch.Tensor] = []
         self._calibration_errors: List[float] = []
+        self.verify_steps = verify_steps
 
     @property
     def gamma(self) -> float:
@@ -111,10 +120,12 @@ class ENGMOptimizer(DPOptimizer):
         own = set(self.params)
         self._check_coverage(records, accumulated & own)
         reduce_mean = self.module.loss_reduction == "mean"
+        layer_reductions: List[Tuple[LayerReduction, int]] = []
         for record in records:
             rows = record.batch_size()
             factor = (rows if reduce_mean else 1.0) / grad_scale
             reductions = {layer: rule_for(layer).reduction(layer, calls) for layer, calls in record.calls.items()}
+            layer_reductions.extend((reduction, rows) for reduction in reductions.values())
             norms = self._norms_of(record, reductions, factor, own)
             self._norms.append(norms)
             if not bool(torch.isfinite(norms).all()):
@@ -126,6 +137,35 @@ class ENGMOptimizer(DPOptimizer):
                 for p, grad in reduction.weighted_grads(factors).items():
                     if p in own:
                         p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+        if self.verify_steps > 0 and records and not overflow:
+            self._verify_against_grads(layer_reductions, own)
+            self.verify_steps -= 1
+
+    def _verify_against_grads(self, reductions: List[Tuple[LayerReduction, int]], own: Set[nn.Parameter]) -> None:
+        """Raise if ``sum_i dL/dtheta^(i)`` over the records differs from ``p.grad`` (module docstring of
+        :mod:`engm_opacus.per_example`: the per-example gradients of a backward sum to its gradient)."""
+        totals: Dict[nn.Parameter, torch.Tensor] = {}
+        for reduction, rows in reductions:
+            for p, grad in reduction.weighted_grads(torch.ones(rows)).items():
+                totals[p] = grad if p not in totals else totals[p] + grad
+        names = {p: name for name, p in self.module._module.named_parameters()}
+        mismatched = []
+        for p, total in totals.items():
+            if p not in own or p.grad is None:
+                continue
+            reference = p.grad.to(total.dtype)
+            tolerance = VERIFY_TOLERANCE.get(p.grad.dtype, 1e-3) if total.dtype == p.grad.dtype else 5e-2
+            error = float(torch.linalg.vector_norm(total - reference)) / (float(torch.linalg.vector_norm(reference)) + 1e-30)
+            if error > tolerance:
+                mismatched.append(f"{names.get(p, '?')} (relative error {error:.2g})")
+        if mismatched:
+            raise RuntimeError(
+                f"The per-example gradients ENGM recorded do not sum to p.grad for {mismatched[:5]}: part of these "
+                "parameters' gradient came from outside their layer's forward (tied weights, F.linear(x, layer.weight), "
+                "a gradient set or cleared by hand between backward() and step()). The ENGM update would be wrong. "
+                "Fix: use each parameter only through its own layer's forward, and clear gradients only with the "
+                "returned optimizer's or model's zero_grad()."
+            )
 
     def _norms_of(
         self, record: BackwardRecord, reductions: Dict[nn.Module, LayerReduction], factor: float, own: Set[nn.Parameter]
