@@ -59,8 +59,17 @@ def unsupported_layers_error(model: nn.Module) -> ValueError | None:
 
 
 def will_accumulate(p: nn.Parameter) -> bool:
-    """``True`` when the running backward pass will accumulate a gradient into ``p``."""
-    return torch._C._will_engine_execute_node(_get_grad_fn_or_grad_acc(p))
+    """``True`` when the running backward pass will accumulate a gradient into ``p.grad``.
+
+    ``torch.autograd.grad`` never accumulates into ``.grad``; when ``p`` is one of its inputs,
+    PyTorch refuses the query for ``p``'s accumulator node, which therefore means "no".
+    """
+    try:
+        return torch._C._will_engine_execute_node(_get_grad_fn_or_grad_acc(p))
+    except RuntimeError as error:
+        if "autograd.grad()" in str(error):
+            return False
+        raise
 
 
 class ENGMModule(GradSampleModule):
