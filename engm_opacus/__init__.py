@@ -16,10 +16,10 @@ LAZY_NAMES = {
     "get_at_loss": "engm_opacus.at.losses",
     "pgd_linf": "engm_opacus.at.attacks",
     "train_step": "engm_opacus.at.step",
-    "evaluate": "engm_opacus.train.evaluation",
-    "train": "engm_opacus.train.loop",
-    "TrainConfig": "engm_opacus.train.config",
-    "TrainResult": "engm_opacus.train.loop",
+    "evaluate": "engm_opacus.training.evaluation",
+    "train": "engm_opacus.training.loop",
+    "TrainConfig": "engm_opacus.training.config",
+    "TrainResult": "engm_opacus.training.loop",
 }
 """Harness names re-exported here, imported from their module on first access."""
 

@@ -4,8 +4,9 @@
     python examples/awp_digits.py --epochs 1 --max-train-examples 128 --max-test-examples 64 --pgd-steps 2
 
 Per step: PGD-10 adversarial examples at the weights w; an adversarial weight perturbation v
-(layer-wise, ||v_W|| = gamma_awp * ||W||); the per-example PGD-AT losses at w + v, whose gradients
-ENGM weights by 1/max(||g_i||, gamma); the step; then v is removed (train_step does this).
+(layer-wise, ||v_W|| = gamma_awp * ||W||); the mean PGD-AT loss at w + v and its one backward, from
+which ENGM takes each example's gradient g_i and weights it by 1/max(||g_i||, gamma); the step;
+then v is removed (train_step does this).
 Use --inner trades for AWP on TRADES. Prints clean and PGD-20 accuracy on the test split.
 """
 
@@ -16,11 +17,10 @@ import argparse
 import torch
 
 from engm_opacus import make_engm
-from engm_opacus.data import limit, load_digits_splits, make_loader
-from engm_opacus.evaluation import evaluate
-from engm_opacus.losses import get_at_loss
-from engm_opacus.models import small_cnn
-from engm_opacus.step import train_step
+from engm_opacus.at import get_at_loss, train_step
+from engm_opacus.training.data import limit, load_digits_splits, make_loader
+from engm_opacus.training.evaluation import evaluate
+from engm_opacus.training.models import small_cnn
 
 
 def main() -> None:

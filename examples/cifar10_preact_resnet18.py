@@ -9,8 +9,9 @@ says where to put them.
 
 Recipe (Rice et al. 2020): PGD-10 (eps 8/255, step 2/255) training attack, SGD momentum 0.9,
 weight decay 5e-4, batch 128, lr 0.1 divided by 10 at 50% and 75% of the epochs; PGD-20 test.
-ENGM runs in ghost mode: per-example norms without materialized per-example gradients, with
-BatchNorm's per-example gradients defined as in engm_opacus.batchnorm.
+The BatchNorm model trains in train mode with the ordinary mean loss and one loss.backward() per
+step; ENGM takes each example's gradient g_i = B * dL/dtheta^(i) (its own parameter copy in the
+true batch computation) from that backward and weights it by 1/max(||g_i||, gamma).
 """
 
 from __future__ import annotations
@@ -21,11 +22,10 @@ import sys
 import torch
 
 from engm_opacus import make_engm
-from engm_opacus.data import limit, load_dataset, make_loader
-from engm_opacus.evaluation import evaluate
-from engm_opacus.losses import get_at_loss
-from engm_opacus.models import preact_resnet18
-from engm_opacus.step import train_step
+from engm_opacus.at import get_at_loss, train_step
+from engm_opacus.training.data import limit, load_dataset, make_loader
+from engm_opacus.training.evaluation import evaluate
+from engm_opacus.training.models import preact_resnet18
 
 
 def main() -> int:
@@ -57,7 +57,7 @@ def main() -> int:
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     total_steps = args.epochs * len(train_loader)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [total_steps // 2, total_steps * 3 // 4], 0.1)
-    model, optimizer = make_engm(model, optimizer, gamma=args.gamma, grad_sample_mode="ghost")
+    model, optimizer = make_engm(model, optimizer, gamma=args.gamma)
     at_loss = get_at_loss("pgd-at", eps=8 / 255, step_size=2 / 255, steps=10)
 
     for epoch in range(1, args.epochs + 1):

@@ -3,10 +3,11 @@
     python examples/custom_loss.py
     python examples/custom_loss.py --epochs 1 --max-train-examples 128 --max-test-examples 64 --pgd-steps 2
 
-ENGM needs one loss per example, l_i, so that it can weight example i's gradient by
-1/max(||grad l_i||, gamma). Any callable with a ``name`` and the signature
-``loss(model, x, y, *, track_input_grad=False) -> ATLossOutput`` (the ``ATLoss`` protocol) works
-with ``train_step``. Here: l_i = CE(f(x_adv_i), y_i) + weight * ||f(x_i) - f(x_adv_i)||^2
+Write the loss as you would for MSGD: one mean-reduced scalar over the batch. ENGM takes each
+example's gradient g_i from the ordinary loss.backward() of that scalar and weights it by
+1/max(||g_i||, gamma); nobody needs per-example losses. Any callable with a ``name`` and the
+signature ``loss(model, x, y) -> ATLossOutput`` (the ``ATLoss`` protocol) works with
+``train_step``. Here: L = (1/B) sum_i [CE(f(x_adv_i), y_i) + weight * ||f(x_i) - f(x_adv_i)||^2]
 (adversarial logit pairing, Kannan et al. 2018) with x_adv from PGD on the cross-entropy.
 """
 
@@ -19,29 +20,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from engm_opacus import make_engm
-from engm_opacus.attacks import pgd_linf
-from engm_opacus.data import limit, load_digits_splits, make_loader
-from engm_opacus.evaluation import evaluate
-from engm_opacus.losses import ATLoss, ATLossOutput
-from engm_opacus.losses.base import training_input
-from engm_opacus.models import small_cnn
-from engm_opacus.step import train_step
+from engm_opacus.at import ATLoss, ATLossOutput, pgd_linf, train_step
+from engm_opacus.training.data import limit, load_digits_splits, make_loader
+from engm_opacus.training.evaluation import evaluate
+from engm_opacus.training.models import small_cnn
 
 
 class LogitPairing:
-    """``l_i = CE(f(x_adv_i), y_i) + weight * ||f(x_i) - f(x_adv_i)||_2^2`` with PGD-CE adversarial examples."""
+    """``L = (1/B) sum_i [CE(f(x_adv_i), y_i) + weight * ||f(x_i) - f(x_adv_i)||_2^2]`` with PGD-CE adversarial examples."""
 
     name = "logit-pairing"
 
     def __init__(self, weight: float = 0.5, eps: float = 8 / 255, step_size: float = 2 / 255, steps: int = 10):
         self.weight, self.eps, self.step_size, self.steps = weight, eps, step_size, steps
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, track_input_grad: bool = False) -> ATLossOutput:
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> ATLossOutput:
         x_adv = pgd_linf(model, x, y, eps=self.eps, step_size=self.step_size, steps=self.steps)
-        x_adv = training_input(x_adv, track_input_grad)  # a leaf requiring grad when the cheap variant asks
         logits_adv, logits = model(x_adv), model(x)
-        per_example = F.cross_entropy(logits_adv, y, reduction="none") + self.weight * (logits - logits_adv).pow(2).sum(1)
-        return ATLossOutput(per_example=per_example, x_adv=x_adv, logits_adv=logits_adv.detach(), logits_clean=logits.detach())
+        loss = F.cross_entropy(logits_adv, y) + self.weight * (logits - logits_adv).pow(2).sum(1).mean()
+        return ATLossOutput(loss=loss, x_adv=x_adv, logits_adv=logits_adv.detach(), logits_clean=logits.detach())
 
 
 def main() -> None:

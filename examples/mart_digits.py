@@ -3,9 +3,11 @@
     python examples/mart_digits.py                                     # 10 epochs, lambda = 5
     python examples/mart_digits.py --epochs 1 --max-train-examples 128 --max-test-examples 64 --pgd-steps 2
 
-Per example, l_i = BCE(f(x_adv_i), y_i) + lambda * KL(f(x_i) || f(x_adv_i)) * (1 - p_y(x_i)), the
-boosted cross-entropy with a margin term on the largest wrong class, x_adv from PGD-10 on the
-cross-entropy; ENGM weights each l_i's gradient by 1/max(||g_i||, gamma). Prints clean and
+The loss is the MART repository's batch loss, the mean over examples of
+BCE(f(x_adv_i), y_i) + lambda * KL(f(x_i) || f(x_adv_i)) * (1 - p_y(x_i)) (the boosted
+cross-entropy with a margin term on the largest wrong class), x_adv from PGD-10 on the
+cross-entropy. train_step runs its one ordinary loss.backward(); ENGM takes each example's
+gradient g_i from that backward and weights it by 1/max(||g_i||, gamma). Prints clean and
 PGD-20 accuracy on the test split.
 """
 
@@ -16,11 +18,10 @@ import argparse
 import torch
 
 from engm_opacus import make_engm
-from engm_opacus.data import limit, load_digits_splits, make_loader
-from engm_opacus.evaluation import evaluate
-from engm_opacus.losses import get_at_loss
-from engm_opacus.models import small_cnn
-from engm_opacus.step import train_step
+from engm_opacus.at import get_at_loss, train_step
+from engm_opacus.training.data import limit, load_digits_splits, make_loader
+from engm_opacus.training.evaluation import evaluate
+from engm_opacus.training.models import small_cnn
 
 
 def main() -> None:

@@ -14,11 +14,10 @@ import argparse
 import torch
 
 from engm_opacus import make_engm
-from engm_opacus.data import limit, load_digits_splits, make_loader
-from engm_opacus.evaluation import evaluate
-from engm_opacus.losses import get_at_loss
-from engm_opacus.models import small_cnn
-from engm_opacus.step import train_step
+from engm_opacus.at import get_at_loss, train_step
+from engm_opacus.training.data import limit, load_digits_splits, make_loader
+from engm_opacus.training.evaluation import evaluate
+from engm_opacus.training.models import small_cnn
 
 
 def main() -> None:

@@ -3,9 +3,11 @@
     python examples/trades_digits.py                                   # 10 epochs, beta = 6
     python examples/trades_digits.py --epochs 1 --max-train-examples 128 --max-test-examples 64 --pgd-steps 2
 
-Per example, l_i = CE(f(x_i), y_i) + beta * KL(f(x_i) || f(x_adv_i)), with x_adv from PGD-10 on
-the KL term (eps 8/255, step 2/255, start x + 0.001 N(0, 1)); ENGM weights each l_i's gradient
-by 1/max(||g_i||, gamma). Prints clean and PGD-20 accuracy on the test split.
+The loss is the TRADES repository's batch loss, CE(f(x), y) + beta * KL(f(x) || f(x_adv)) with the
+KL summed over classes and averaged over the batch, x_adv from PGD-10 on the KL term (eps 8/255,
+step 2/255, start x + 0.001 N(0, 1)). train_step runs its one ordinary loss.backward(); ENGM takes
+each example's gradient g_i from that backward and steps on (1/B) sum_i g_i / max(||g_i||, gamma).
+Prints clean and PGD-20 accuracy on the test split.
 """
 
 from __future__ import annotations
@@ -15,11 +17,10 @@ import argparse
 import torch
 
 from engm_opacus import make_engm
-from engm_opacus.data import limit, load_digits_splits, make_loader
-from engm_opacus.evaluation import evaluate
-from engm_opacus.losses import get_at_loss
-from engm_opacus.models import small_cnn
-from engm_opacus.step import train_step
+from engm_opacus.at import get_at_loss, train_step
+from engm_opacus.training.data import limit, load_digits_splits, make_loader
+from engm_opacus.training.evaluation import evaluate
+from engm_opacus.training.models import small_cnn
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ from typing import Iterator
 import pytest
 import torch
 
-from engm_opacus.training import torch_threads
+from engm_opacus.training.runtime import torch_threads
 
 sys.path.insert(0, os.path.dirname(__file__))
 torch.set_num_threads(min(2, torch.get_num_threads()))

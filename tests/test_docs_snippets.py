@@ -124,12 +124,13 @@ def test_troubleshooting_table_lists_the_library_errors_with_their_fixes() -> No
     sites = hook.all_error_sites()
     assert rendered.count("<tr><td>") == len(sites)
     by_function = {(s.module, s.function): s for s in sites}
-    gamma = by_function[("engm_opacus.weights", "validate_gamma")]
+    gamma = by_function[("engm_opacus.functional.normalization", "validate_gamma")]
     assert gamma.exception == "ValueError"
     assert gamma.problem.startswith("gamma must be a positive finite number, got {gamma}.")
     assert gamma.fix.startswith("pass e.g. gamma=1.0")
-    reduced = by_function[("engm_opacus.optimizer", "require_per_example_losses")]
-    assert "reduction=&#x27;none&#x27;" in rendered and reduced.fix.startswith("compute the loss with reduction='none'")
+    unsupported = by_function[("engm_opacus.per_example.module", "unsupported_layers_error")]
+    assert unsupported.problem.startswith("make_engm cannot compute per-example gradients for these trainable layers")
+    assert unsupported.fix.startswith("build the model from these layers") and "register_rule" in rendered
 
 
 def test_error_table_reads_fstrings_concatenation_and_returned_exceptions(tmp_path: Path) -> None:

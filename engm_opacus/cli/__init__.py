@@ -8,7 +8,7 @@ A command module provides:
 * ``run(args: argparse.Namespace) -> int``: do the work and return the exit status.
 
 Adding a subcommand is one new module and one line in :data:`COMMANDS`. Bad input
-(``ValueError`` -- including :class:`~engm_opacus.train.checkpoints.CheckpointError` --,
+(``ValueError`` -- including :class:`~engm_opacus.training.checkpoints.CheckpointError` --,
 ``FileNotFoundError``, ``FileExistsError``) raised by a handler is printed as
 ``engm-opacus: error: ...`` and exits with status 2, like argparse's own usage errors.
 """

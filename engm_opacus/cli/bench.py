@@ -15,8 +15,8 @@ from typing import Any, Dict
 
 from engm_opacus.at.losses import at_method_names
 from engm_opacus.experiments.benchmark import DEFAULT_METHODS, OPTIMIZER_CHOICES, BenchConfig, quick_config, run_benchmark
-from engm_opacus.train.data import DATASETS
-from engm_opacus.train.runtime import DEVICES
+from engm_opacus.training.data import DATASETS
+from engm_opacus.training.runtime import DEVICES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

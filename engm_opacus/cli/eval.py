@@ -3,7 +3,7 @@
 The model, dataset and threat model (eps, PGD step) come from the checkpoint's config;
 options override them. AutoAttack is torchattacks' ``AutoAttack`` (version "standard":
 APGD-CE, APGD-T, FAB-T, Square); the original ``auto-attack`` package is not on PyPI.
-:func:`engm_opacus.train.evaluation.evaluate_checkpoint` does the work. The results are
+:func:`engm_opacus.training.evaluation.evaluate_checkpoint` does the work. The results are
 printed as a table and written as JSON (default: next to the
 checkpoint, ``<name>.eval.json``).
 """
@@ -17,10 +17,10 @@ from rich.console import Console
 from rich.table import Table
 
 from engm_opacus.cli import number
-from engm_opacus.train.config import format_eps
-from engm_opacus.train.evaluation import evaluate_checkpoint
-from engm_opacus.train.logs import write_json
-from engm_opacus.train.runtime import DEVICES
+from engm_opacus.training.config import format_eps
+from engm_opacus.training.evaluation import evaluate_checkpoint
+from engm_opacus.training.logs import write_json
+from engm_opacus.training.runtime import DEVICES
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

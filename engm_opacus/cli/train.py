@@ -1,6 +1,6 @@
-"""``engm-opacus train``: adversarial training from the command line (see :func:`engm_opacus.train.loop.train`).
+"""``engm-opacus train``: adversarial training from the command line (see :func:`engm_opacus.training.loop.train`).
 
-With no options it trains the default :class:`~engm_opacus.train.config.TrainConfig` (small
+With no options it trains the default :class:`~engm_opacus.training.config.TrainConfig` (small
 CNN, PGD-AT, ENGM on the embedded digits set). Options override single fields; with
 ``--resume CHECKPOINT`` the checkpoint's config is the base and only the options given
 override it (so ``engm-opacus train --resume runs/X/last.pt`` continues run X as it was).
@@ -14,12 +14,12 @@ from typing import Any, Callable, Dict
 
 from engm_opacus.at.losses import at_method_names
 from engm_opacus.cli import number
-from engm_opacus.train.checkpoints import load_checkpoint
-from engm_opacus.train.config import OPTIMIZERS, SCHEDULES, TrainConfig, config_from_payload
-from engm_opacus.train.data import DATASETS
-from engm_opacus.train.loop import train
-from engm_opacus.train.models import MODELS, NORMS
-from engm_opacus.train.runtime import DEVICES
+from engm_opacus.training.checkpoints import load_checkpoint
+from engm_opacus.training.config import OPTIMIZERS, SCHEDULES, TrainConfig, config_from_payload
+from engm_opacus.training.data import DATASETS
+from engm_opacus.training.loop import train
+from engm_opacus.training.models import MODELS, NORMS
+from engm_opacus.training.runtime import DEVICES
 
 DEFAULTS = TrainConfig()
 
@@ -99,6 +99,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Train; the final accuracies are printed by :func:`engm_opacus.train.loop.train`."""
+    """Train; the final accuracies are printed by :func:`engm_opacus.training.loop.train`."""
     train(config_from_args(args))
     return 0

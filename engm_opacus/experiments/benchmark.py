@@ -1,6 +1,6 @@
 """Does ENGM help? ENGM vs MSGD across AT methods, seeds and hyper-parameters.
 
-One benchmark, three parts, all trained with :func:`engm_opacus.train.loop.train` under the
+One benchmark, three parts, all trained with :func:`engm_opacus.training.loop.train` under the
 same schedule (only the outer optimizer differs inside a comparison):
 
 * **main**: AT methods (PGD-AT, TRADES, MART, AWP+PGD-AT) x optimizers (``msgd``; ``engm``:
@@ -9,7 +9,7 @@ same schedule (only the outer optimizer differs inside a comparison):
   Per run: clean and PGD-20 accuracy of the last and the best checkpoint on the test split
   (from the training loop), AutoAttack accuracy of both on the first ``autoattack_examples``
   test examples (``torchattacks``' AutoAttack "standard",
-  :func:`engm_opacus.train.evaluation.evaluate`), the
+  :func:`engm_opacus.training.evaluation.evaluate`), the
   robust-overfitting gap ``PGD-20(best) - PGD-20(last)`` and the training time.
 * **sensitivity** (PGD-AT, MSGD vs exact ENGM): learning rate x ``lr_multipliers`` at the
   default weight decay, and weight decay x ``wd_multipliers`` at the default learning rate
@@ -24,7 +24,7 @@ Aggregation: mean and sample standard deviation (``ddof=1``; 0 with one seed) ov
 ``time_s`` is the sum of the per-epoch times (training plus per-epoch validation; final
 test evaluation and AutoAttack excluded), so it is unaffected by interruptions.
 
-Learning rates: each optimizer at its own default, :data:`engm_opacus.train.config.DEFAULT_LR`
+Learning rates: each optimizer at its own default, :data:`engm_opacus.training.config.DEFAULT_LR`
 (MSGD 0.1, the standard AT learning rate; ENGM 0.5 with ``gamma=1``). The two are not
 comparable numbers: ENGM's direction ``(1/B) sum_i g_i / max(||g_i||, gamma)`` has norm
 ``<= 1/gamma`` and is smaller than MSGD's mean gradient whenever per-example norms exceed
@@ -56,13 +56,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from engm_opacus.at.losses import at_method_names
 from engm_opacus.experiments.benchmark_report import budget_text, report
-from engm_opacus.train.checkpoints import load_trained_model
-from engm_opacus.train.config import DEFAULT_LR, RESUMABLE_CHANGES, TrainConfig
-from engm_opacus.train.data import limit, load_dataset, make_loader
-from engm_opacus.train.evaluation import evaluate
-from engm_opacus.train.logs import write_json
-from engm_opacus.train.loop import train
-from engm_opacus.train.runtime import resolve_device
+from engm_opacus.training.checkpoints import load_trained_model
+from engm_opacus.training.config import DEFAULT_LR, RESUMABLE_CHANGES, TrainConfig
+from engm_opacus.training.data import limit, load_dataset, make_loader
+from engm_opacus.training.evaluation import evaluate
+from engm_opacus.training.logs import write_json
+from engm_opacus.training.loop import train
+from engm_opacus.training.runtime import resolve_device
 
 OPTIMIZER_CHOICES: Tuple[str, ...] = ("msgd", "engm", "engm-input-norm")
 """Benchmark optimizers: ``TrainConfig.optimizer`` names (MSGD, exact ENGM, ENGM (input-norm)), in table order."""
@@ -80,7 +80,7 @@ class BenchConfig:
         sweep_seeds: how many of ``seeds`` (the first ones) the sensitivity and gamma sweeps use.
         lr_multipliers, wd_multipliers: sensitivity factors (empty: no sensitivity sweep).
         gamma_multipliers: gamma sweep factors (empty: none).
-        lr_msgd, lr_engm: base learning rates (``None``: :data:`~engm_opacus.train.config.DEFAULT_LR` of each;
+        lr_msgd, lr_engm: base learning rates (``None``: :data:`~engm_opacus.training.config.DEFAULT_LR` of each;
             ``lr_engm`` applies to both ENGM variants).
         autoattack_examples: test examples AutoAttack runs on (0: AutoAttack off).
         autoattack_seeds: AutoAttack only for the first this many seeds (``None``: all).

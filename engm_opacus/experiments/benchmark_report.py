@@ -17,8 +17,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from engm_opacus.train.config import DEFAULT_LR, OPTIMIZER_LABELS
-from engm_opacus.train.logs import atomic_write_text, write_csv
+from engm_opacus.training.config import DEFAULT_LR, OPTIMIZER_LABELS
+from engm_opacus.training.logs import atomic_write_text, write_csv
 
 if TYPE_CHECKING:
     from engm_opacus.experiments.benchmark import BenchConfig

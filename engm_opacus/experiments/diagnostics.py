@@ -40,9 +40,9 @@ from torch.utils.data import TensorDataset
 from engm_opacus.at.attacks import pgd_linf, validate_threat_model
 from engm_opacus.experiments.diagnostics_report import plot_all
 from engm_opacus.functional import validate_gamma
-from engm_opacus.train.data import load_digits_splits, make_loader
-from engm_opacus.train.logs import write_csv
-from engm_opacus.train.models import small_cnn
+from engm_opacus.training.data import load_digits_splits, make_loader
+from engm_opacus.training.logs import write_csv
+from engm_opacus.training.models import small_cnn
 from engm_opacus.wrap import make_engm
 
 REGIMES: Tuple[str, ...] = ("NT", "AT")

@@ -216,6 +216,12 @@ class ENGMOptimizer(DPOptimizer):
 
     def pre_step(self, closure: Optional[Callable[[], float]] = None) -> bool:
         """Accumulate the records; unless the step is skipped, set ``p.grad = d``; return whether to step."""
+        if not self.module.hooks_enabled:
+            raise RuntimeError(
+                "The model's ENGM hooks are off (to_standard_module() or disable_hooks() was called), so this "
+                "step would silently be plain SGD. Fix: keep training the model make_engm returned, or build a plain "
+                "torch optimizer for the unwrapped model."
+            )
         grad_scale, overflow = self._amp_state()
         self.accumulate(grad_scale, overflow)
         if self._check_skip_next_step():
@@ -240,6 +246,7 @@ class ENGMOptimizer(DPOptimizer):
         if not hasattr(self, "found_inf"):
             return 1.0, False
         if getattr(self, "grad_scale", None) is None:
+            del self.found_inf  # GradScaler.step does not get to remove it when step() raises
             raise RuntimeError(
                 "GradScaler.unscale_(optimizer) was called before step(): ENGM needs the scale to unscale its "
                 "per-example records, and clipping p.grad has no effect on ENGM's direction. Fix: remove "

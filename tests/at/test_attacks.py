@@ -1,4 +1,4 @@
-"""L-infinity PGD: constraints, analytic optimum, per-example independence, input gradient, no per-sample state."""
+"""L-infinity PGD: constraints, analytic optimum, per-example independence, input gradient, one validation, no model state."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ import copy
 import numpy as np
 import pytest
 import torch
-from models import build, inputs_for
-from naive import naive_per_example_grads
-from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from torch import nn
+from torch.nn import functional as F
 
 from engm_opacus import make_engm
-from engm_opacus.attacks import attack_loss_per_example, attack_mode, per_example_hooks_paused, pgd_linf, project
+from engm_opacus.at import attacks
+from engm_opacus.at.attacks import attack_mode, attack_objective, pgd_linf, project
+from tests.helpers.naive import naive_engm_step, per_example_grads_loop
+from tests.helpers.nets import groupnorm_cnn, images
 
 EPS = 0.1
 STEP = 0.03
@@ -21,7 +22,7 @@ STEP = 0.03
 
 def batch(size: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs in [0, 1] with exact 0s and 1s (so the [0, 1] clamp is active)."""
-    x, y = inputs_for("cnn", size, torch.Generator().manual_seed(seed))
+    x, y = images(size, torch.Generator().manual_seed(seed))
     x[:, :, 0, 0] = 0.0
     x[:, :, 1, 1] = 1.0
     return x, y
@@ -55,7 +56,7 @@ class ModeRecorder(nn.Module):
 @pytest.mark.parametrize("loss", ["ce", "kl"])
 @pytest.mark.parametrize("random_start", [True, False, "uniform", "normal"])
 def test_perturbation_within_eps_and_unit_range(loss: str, random_start: object) -> None:
-    model = build("cnn")
+    model = groupnorm_cnn()
     x, y = batch()
     x_adv = pgd_linf(model, x, y, loss=loss, eps=EPS, step_size=STEP, steps=5, random_start=random_start,
                      generator=torch.Generator().manual_seed(1))
@@ -80,28 +81,26 @@ def test_linear_loss_reaches_analytic_optimum(random_start: bool) -> None:
 
 def test_each_example_attacked_independently_of_the_batch() -> None:
     """CE from x (the KL attack is covered row by row in the input-gradient test: its start is random)."""
-    loss = "ce"
-    model = build("cnn")
+    model = groupnorm_cnn()
     x, y = batch(5)
-    together = pgd_linf(model, x, y, loss=loss, eps=EPS, step_size=STEP, steps=3, random_start=False)
+    together = pgd_linf(model, x, y, loss="ce", eps=EPS, step_size=STEP, steps=3, random_start=False)
     for i in range(len(x)):
-        alone = pgd_linf(model, x[i : i + 1], y[i : i + 1], loss=loss, eps=EPS, step_size=STEP, steps=3, random_start=False)
+        alone = pgd_linf(model, x[i : i + 1], y[i : i + 1], loss="ce", eps=EPS, step_size=STEP, steps=3, random_start=False)
         torch.testing.assert_close(together[i : i + 1], alone, rtol=0, atol=1e-15)
 
 
 @pytest.mark.parametrize("loss", ["ce", "kl"])
 def test_input_grad_is_per_example_gradient_before_last_step(loss: str) -> None:
-    model = build("cnn")
+    model = groupnorm_cnn()
     x, y = batch()
-    generator_seed = 5
     x_before, _ = pgd_linf(model, x, y, loss=loss, eps=EPS, step_size=STEP, steps=2,
-                           generator=torch.Generator().manual_seed(generator_seed), return_input_grad=True)
+                           generator=torch.Generator().manual_seed(5), return_input_grad=True)
     x_adv, input_grad = pgd_linf(model, x, y, loss=loss, eps=EPS, step_size=STEP, steps=3,
-                                 generator=torch.Generator().manual_seed(generator_seed), return_input_grad=True)
+                                 generator=torch.Generator().manual_seed(5), return_input_grad=True)
     clean_probs = torch.softmax(model(x), dim=1).detach()
     for i in range(len(x)):
         xi = x_before[i : i + 1].clone().requires_grad_(True)
-        loss_i = attack_loss_per_example(model(xi), y[i : i + 1], loss, clean_probs[i : i + 1]).sum()
+        loss_i = attack_objective(model(xi), y[i : i + 1], loss, clean_probs[i : i + 1]).sum()
         (expected,) = torch.autograd.grad(loss_i, xi)
         torch.testing.assert_close(input_grad[i : i + 1], expected, rtol=1e-12, atol=1e-14)
     assert torch.equal(x_adv, project(x_before + STEP * torch.sign(input_grad), x, EPS))
@@ -109,57 +108,50 @@ def test_input_grad_is_per_example_gradient_before_last_step(loss: str) -> None:
 
 def test_zero_steps_returns_projected_start_and_no_gradient() -> None:
     x, y = batch()
-    x_adv, input_grad = pgd_linf(build("cnn"), x, y, steps=0, random_start=False, return_input_grad=True)
+    x_adv, input_grad = pgd_linf(groupnorm_cnn(), x, y, steps=0, random_start=False, return_input_grad=True)
     assert torch.equal(x_adv, x) and input_grad is None
 
 
 def test_same_generator_seed_same_attack() -> None:
-    model = build("cnn")
+    model = groupnorm_cnn()
     x, y = batch()
     runs = [pgd_linf(model, x, y, eps=EPS, steps=2, generator=torch.Generator().manual_seed(9)) for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
 
 
-@pytest.mark.parametrize("grad_sample_mode", ["hooks", "functorch", "ghost"])
 @pytest.mark.parametrize("loss", ["ce", "kl"])
-def test_attack_leaves_no_per_sample_state_and_training_backward_stays_exact(grad_sample_mode: str, loss: str) -> None:
-    """After the attack (train mode), a training backward gives exactly the naive per-example gradients."""
+def test_attack_leaves_no_grad_and_parameters_unchanged(loss: str) -> None:
+    model = groupnorm_cnn().train()
+    before = copy.deepcopy(model.state_dict())
     x, y = batch()
-    reference = build("cnn")
+    pgd_linf(model, x, y, loss=loss, eps=EPS, steps=3, generator=torch.Generator().manual_seed(0))
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+@pytest.mark.parametrize("loss", ["ce", "kl"])
+def test_attack_through_engm_model_then_training_backward_is_the_naive_engm_step(loss: str) -> None:
+    """After the attack (train mode, through the wrapped model), one ``loss.backward()`` gives exactly the naive step."""
+    x, y = batch()
+    reference = groupnorm_cnn()
     model = copy.deepcopy(reference)
-    wrapped, optimizer = make_engm(model, torch.optim.SGD(model.parameters(), lr=0.1), gamma=1.0,
-                                   grad_sample_mode=grad_sample_mode)
+    gamma = 1.0
+    wrapped, optimizer = make_engm(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), gamma=gamma)
     wrapped.train()
     x_adv = pgd_linf(wrapped, x, y, loss=loss, eps=EPS, steps=3, generator=torch.Generator().manual_seed(0))
-    assert all(p.grad is None and getattr(p, "grad_sample", None) is None for p in model.parameters())
-    assert not any(getattr(m, "activations", None) for m in model.modules())
-    assert wrapped.hooks_enabled
-    if grad_sample_mode == "ghost":
-        return
-    losses = nn.functional.cross_entropy(wrapped(x_adv), y, reduction="none")
-    optimizer.backward(losses)
-    naive = naive_per_example_grads(reference, x_adv, y)
-    for j, p in enumerate(model.parameters()):
-        expected = torch.stack([grads[j] for grads in naive])
-        torch.testing.assert_close(p.grad_sample, expected, rtol=1e-10, atol=1e-12)
-
-
-def test_hooks_paused_restores_previous_state_for_opacus_subclasses() -> None:
-    wrapped = GradSampleModuleFastGradientClipping(build("cnn"), use_ghost_clipping=True)
-    wrapped.disable_hooks()
-    with per_example_hooks_paused(wrapped):
-        assert not wrapped.hooks_enabled
-    assert not wrapped.hooks_enabled
-    wrapped.enable_hooks()
-    with pytest.raises(RuntimeError, match="inside"):
-        with per_example_hooks_paused(wrapped):
-            assert not wrapped.hooks_enabled
-            raise RuntimeError("inside")
-    assert wrapped.hooks_enabled
+    assert all(p.grad is None for p in model.parameters())
+    F.cross_entropy(wrapped(x_adv), y).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    per_example = per_example_grads_loop(reference, lambda m, xa, ya: F.cross_entropy(m(xa), ya), x_adv, y)
+    naive_engm_step(reference, torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9), per_example, gamma)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
 
 
 def test_attack_keeps_model_mode_by_default_and_attack_mode_restores_flags() -> None:
-    model = ModeRecorder(build("cnn"))
+    model = ModeRecorder(groupnorm_cnn())
     x, y = batch()
     model.train()
     pgd_linf(model, x, y, steps=2)
@@ -188,18 +180,34 @@ def test_attack_keeps_model_mode_by_default_and_attack_mode_restores_flags() -> 
 def test_bad_arguments_name_the_fix(kwargs: dict, match: str) -> None:
     x, y = batch()
     with pytest.raises(ValueError, match=match):
-        pgd_linf(build("cnn"), x, y, **kwargs)
+        pgd_linf(groupnorm_cnn(), x, y, **kwargs)
 
 
 def test_inputs_outside_unit_range_are_refused() -> None:
     x, y = batch()
     with pytest.raises(ValueError, match=r"must lie in \[0, 1\].*normalization inside the model"):
-        pgd_linf(build("cnn"), (x - 0.5) / 0.25, y)
+        pgd_linf(groupnorm_cnn(), (x - 0.5) / 0.25, y)
 
 
 def test_numpy_scalars_are_accepted() -> None:
     x, y = batch()
-    expected = pgd_linf(build("cnn"), x, y, eps=0.0625, step_size=0.03125, steps=2, random_start=False)
-    got = pgd_linf(build("cnn"), x, y, eps=np.float32(0.0625), step_size=np.float64(0.03125), steps=np.int64(2),
+    expected = pgd_linf(groupnorm_cnn(), x, y, eps=0.0625, step_size=0.03125, steps=2, random_start=False)
+    got = pgd_linf(groupnorm_cnn(), x, y, eps=np.float32(0.0625), step_size=np.float64(0.03125), steps=np.int64(2),
                    random_start=False)
     assert torch.equal(got, expected)
+
+
+def test_arguments_validated_once_per_call_with_one_host_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One validation call per ``pgd_linf``; the only host read-back is its single ``tolist`` (none in the loop)."""
+    model = groupnorm_cnn()
+    x, y = batch()
+    calls = []
+    original = attacks.validate_attack
+    monkeypatch.setattr(attacks, "validate_attack", lambda *a, **k: calls.append(1) or original(*a, **k))
+    reads = []
+    for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
+        method = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _m=method, _n=name, **k: reads.append(_n) or _m(self, *a, **k))
+    pgd_linf(model, x, y, loss="kl", eps=EPS, step_size=STEP, steps=4, generator=torch.Generator().manual_seed(0))
+    assert calls == [1]
+    assert reads == ["tolist"]

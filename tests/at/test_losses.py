@@ -1,23 +1,23 @@
-"""AT loss adapters: per-example losses vs the reference codebases' batch losses, independence, input leaf, registry."""
+"""AT losses: mean-reduced loss == the reference codebases' batch loss == mean of per-example losses; attack; registry."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from models import build, inputs_for
 from torch import nn
 
-from engm_opacus.attacks import pgd_linf
-from engm_opacus.losses import AT_METHODS, AWP, MART, PGDAT, TRADES, AttackResult, get_at_loss
-from engm_opacus.losses.base import ATLoss
+from engm_opacus.at.attacks import pgd_linf
+from engm_opacus.at.losses import AT_METHODS, AWP, MART, PGDAT, TRADES, ATLoss, get_at_loss
+from tests.at.test_attacks import ModeRecorder
+from tests.helpers.nets import groupnorm_cnn, images
 
 EPS = 0.1
 STEP = 0.03
 
 
 def batch(size: int = 7, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    return inputs_for("cnn", size, torch.Generator().manual_seed(seed))
+    return images(size, torch.Generator().manual_seed(seed))
 
 
 def reference_pgd_at(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
@@ -61,36 +61,52 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_mean_of_per_example_losses_is_reference_batch_loss_with_same_gradient(name: str) -> None:
+def test_loss_is_reference_batch_loss_with_same_gradient(name: str) -> None:
     make_adapter, reference = CASES[name]
-    model = build("cnn")
+    model = groupnorm_cnn()
     x, y = batch()
     adapter = make_adapter()
-    attack = adapter.attack(model, x, y)
-    out = adapter.loss_at(model, x, y, attack)
-    assert out.per_example.shape == (len(x),)
-    expected = reference(model, x, y, attack.x_adv)
-    torch.testing.assert_close(out.per_example.mean(), expected, rtol=1e-13, atol=0)
+    x_adv = adapter.attack(model, x, y)
+    out = adapter.loss_at(model, x, y, x_adv)
+    assert out.loss.shape == ()
+    expected = reference(model, x, y, x_adv)
+    torch.testing.assert_close(out.loss, expected, rtol=1e-13, atol=0)
     params = list(model.parameters())
-    ours = torch.autograd.grad(out.per_example.mean(), params)
+    ours = torch.autograd.grad(out.loss, params)
     theirs = torch.autograd.grad(expected, params)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_example_loss_does_not_depend_on_the_other_examples(name: str) -> None:
+def test_loss_is_mean_of_independent_per_example_losses(name: str) -> None:
+    """Each example's term is computed alone (batch of one, float64); the batch loss is their mean, in any order."""
     make_adapter, _ = CASES[name]
-    model = build("cnn")
+    model = groupnorm_cnn()
     x, y = batch()
     adapter = make_adapter()
-    attack = adapter.attack(model, x, y)
-    losses = adapter.loss_at(model, x, y, attack).per_example
+    x_adv = adapter.attack(model, x, y)
+    loss = adapter.loss_at(model, x, y, x_adv).loss
+    alone = torch.stack([adapter.loss_at(model, x[i : i + 1], y[i : i + 1], x_adv[i : i + 1]).loss for i in range(len(x))])
+    torch.testing.assert_close(loss, alone.mean(), rtol=1e-13, atol=0)
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))
-    permuted = adapter.loss_at(model, x[perm], y[perm], AttackResult(attack.x_adv[perm])).per_example
-    torch.testing.assert_close(permuted, losses[perm], rtol=1e-14, atol=0)
-    alone = adapter.loss_at(model, x[2:3], y[2:3], AttackResult(attack.x_adv[2:3])).per_example
-    torch.testing.assert_close(alone, losses[2:3], rtol=1e-14, atol=0)
+    permuted = adapter.loss_at(model, x[perm], y[perm], x_adv[perm]).loss
+    torch.testing.assert_close(permuted, loss, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_input_gradient_of_the_mean_loss_is_each_examples_own_over_batch_size(name: str) -> None:
+    """Row ``i`` of ``grad_{x_adv} L`` is ``(1/B) grad_{x_adv_i} l_i``: examples do not interact (no BatchNorm)."""
+    make_adapter, _ = CASES[name]
+    model = groupnorm_cnn()
+    x, y = batch()
+    adapter = make_adapter()
+    x_adv = adapter.attack(model, x, y).requires_grad_(True)
+    (grad,) = torch.autograd.grad(adapter.loss_at(model, x, y, x_adv).loss, x_adv)
+    for i in (0, 4):
+        xi = x_adv[i : i + 1].detach().requires_grad_(True)
+        (expected,) = torch.autograd.grad(adapter.loss_at(model, x[i : i + 1], y[i : i + 1], xi).loss, xi)
+        torch.testing.assert_close(grad[i : i + 1], expected / len(x), rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize(
@@ -98,50 +114,17 @@ def test_example_loss_does_not_depend_on_the_other_examples(name: str) -> None:
     [(PGDAT, "ce", "uniform"), (TRADES, "kl", "normal"), (MART, "ce", "normal")],
 )
 def test_adapter_attack_is_the_documented_pgd(adapter: type, loss: str, start: str) -> None:
-    model = build("cnn")
+    model = groupnorm_cnn()
     x, y = batch()
-    result = adapter(eps=EPS, step_size=STEP, steps=3, generator=torch.Generator().manual_seed(4)).attack(model, x, y)
-    expected, grad = pgd_linf(model, x, y, loss=loss, eps=EPS, step_size=STEP, steps=3, random_start=start,
-                              generator=torch.Generator().manual_seed(4), return_input_grad=True)
-    assert torch.equal(result.x_adv, expected)
-    if adapter is PGDAT:
-        assert torch.equal(result.input_grad, grad)
-    else:
-        assert result.input_grad is None
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_track_input_grad_gives_leaf_with_each_examples_own_input_gradient(name: str) -> None:
-    make_adapter, _ = CASES[name]
-    model = build("cnn")
-    x, y = batch()
-    out = make_adapter()(model, x, y, track_input_grad=True)
-    assert out.x_adv.is_leaf and out.x_adv.requires_grad
-    (grad,) = torch.autograd.grad(out.per_example.sum(), out.x_adv, retain_graph=True)
-    adapter = make_adapter()
-    for i in (0, 4):
-        alone = adapter.loss_at(model, x[i : i + 1], y[i : i + 1], AttackResult(out.x_adv[i : i + 1].detach()),
-                                track_input_grad=True)
-        (expected,) = torch.autograd.grad(alone.per_example.sum(), alone.x_adv)
-        torch.testing.assert_close(grad[i : i + 1], expected, rtol=1e-12, atol=1e-14)
-    plain = make_adapter()(model, x, y)
-    assert not plain.x_adv.requires_grad
-
-
-class ModeRecorder(nn.Module):
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-        self.modes: list[bool] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.modes.append(self.training)
-        return self.inner(x)
+    x_adv = adapter(eps=EPS, step_size=STEP, steps=3, generator=torch.Generator().manual_seed(4)).attack(model, x, y)
+    expected = pgd_linf(model, x, y, loss=loss, eps=EPS, step_size=STEP, steps=3, random_start=start,
+                        generator=torch.Generator().manual_seed(4))
+    assert torch.equal(x_adv, expected)
 
 
 @pytest.mark.parametrize("attack_eval_mode", [False, True])
 def test_attack_eval_mode_only_during_the_attack(attack_eval_mode: bool) -> None:
-    model = ModeRecorder(build("cnn")).train()
+    model = ModeRecorder(groupnorm_cnn()).train()
     x, y = batch()
     TRADES(steps=2, attack_eval_mode=attack_eval_mode)(model, x, y)
     # TRADES: clean target, 2 attack steps, then the clean and adversarial training forwards.
@@ -150,17 +133,16 @@ def test_attack_eval_mode_only_during_the_attack(attack_eval_mode: bool) -> None
 
 
 def test_outputs_carry_detached_logits_and_clean_logits_where_computed() -> None:
-    model = build("cnn")
+    model = groupnorm_cnn()
     x, y = batch()
     pgd = PGDAT(steps=1)(model, x, y)
     trades = TRADES(steps=1)(model, x, y)
-    assert pgd.logits_clean is None and pgd.attack_input_grad is not None
-    assert trades.attack_input_grad is None
+    assert pgd.logits_clean is None
     torch.testing.assert_close(trades.logits_clean, model(x).detach(), rtol=0, atol=0)
     for out in (pgd, trades):
-        assert not out.logits_adv.requires_grad
+        assert not out.logits_adv.requires_grad and not out.x_adv.requires_grad
         torch.testing.assert_close(out.logits_adv, model(out.x_adv).detach(), rtol=0, atol=0)
-        assert isinstance(out.per_example, torch.Tensor) and out.per_example.requires_grad
+        assert out.loss.shape == () and out.loss.requires_grad
 
 
 def test_registry_builds_every_method_and_awp_compositions() -> None:
@@ -170,7 +152,7 @@ def test_registry_builds_every_method_and_awp_compositions() -> None:
         assert isinstance(adapter, cls) and adapter.name == name and adapter.steps == 2
         assert isinstance(adapter, ATLoss)
     awp = get_at_loss("awp-trades", beta=3.0, gamma_awp=1e-2, steps=1)
-    assert isinstance(awp, AWP) and isinstance(awp.inner, TRADES)
+    assert isinstance(awp, AWP) and isinstance(awp.inner, TRADES) and isinstance(awp, ATLoss)
     assert (awp.name, awp.gamma_awp, awp.inner.beta, awp.inner.steps) == ("awp-trades", 1e-2, 3.0, 1)
     default = get_at_loss("awp-pgd-at")
     assert isinstance(default.inner, PGDAT) and default.gamma_awp == 5e-3

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from engm_opacus.cli import COMMANDS, build_parser, main
-from engm_opacus.commands.train import config_from_args
+from engm_opacus.cli.train import config_from_args
 
 TINY = [
     "--max-train-examples", "32", "--batch-size", "16", "--pgd-steps", "2", "--width", "4",
@@ -61,6 +61,8 @@ def test_resume_takes_the_checkpoint_config(run_dir: Path) -> None:
     assert config.device == "cpu" and config.resume == str(run_dir / "last.pt")
     fresh = config_from_args(build_parser().parse_args(["train", "--gamma", "0.5", "--optimizer", "msgd"]))
     assert fresh.gamma == 0.5 and fresh.optimizer == "msgd" and fresh.epochs == 10 and fresh.lr is None
+    input_norm = config_from_args(build_parser().parse_args(["train", "--optimizer", "engm-input-norm"]))
+    assert input_norm.optimizer == "engm-input-norm" and input_norm.validate().lr == 0.5
 
 
 @pytest.mark.parametrize(
@@ -69,6 +71,8 @@ def test_resume_takes_the_checkpoint_config(run_dir: Path) -> None:
         (["train", "--dataset", "mnist"], ["digits", "cifar10", "cifar100"]),
         (["train", "--model", "vgg"], ["small-cnn", "preact-resnet18", "wrn-34-10"]),
         (["train", "--at-method", "fgsm"], ["pgd-at", "trades", "mart", "awp-pgd-at", "awp-trades"]),
+        (["train", "--optimizer", "engm-cheap"], ["engm", "engm-input-norm", "msgd"]),
+        (["train", "--engm-mode", "ghost"], ["--engm-mode"]),
         (["train", "--eps", "abc"], ["8/255"]),
     ],
 )

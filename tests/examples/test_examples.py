@@ -17,7 +17,7 @@ from typing import Dict
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 TINY = ["--epochs", "1", "--max-train-examples", "64", "--max-test-examples", "32", "--pgd-steps", "1", "--eval-pgd-steps", "1"]
 ACCURACY = re.compile(r"test: clean accuracy (\d\.\d{3}), PGD-1 accuracy (\d\.\d{3})")

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import engm_opacus.benchmark as benchmark
-from engm_opacus.benchmark import METRICS, OPTIMIZER_CHOICES, SUMMARY_COLUMNS, BenchConfig, plan, run_benchmark, run_name
-from engm_opacus.commands.bench import add_arguments, bench_config_from_args
-from engm_opacus.training import DEFAULT_LR, TrainConfig
+import engm_opacus.experiments.benchmark as benchmark
+from engm_opacus.cli.bench import add_arguments, bench_config_from_args
+from engm_opacus.experiments.benchmark import OPTIMIZER_CHOICES, BenchConfig, plan, run_benchmark, run_name
+from engm_opacus.experiments.benchmark_report import METRICS, SUMMARY_COLUMNS
+from engm_opacus.training.config import DEFAULT_LR, TrainConfig
 
 # eps 0.3 makes every attack succeed at once, so AutoAttack (run on 4 examples) stops after its first attack.
 TINY = TrainConfig(
@@ -56,12 +57,14 @@ def test_main_table_has_every_column_with_values_in_range(minimal):
         # One epoch: the best checkpoint is the last one, so the overfitting gap is exactly 0.
         assert float(row["best_epoch_mean"]) == 1.0 and float(row["gap_pgd20_mean"]) == 0.0
         assert float(row["time_s_mean"]) > 0.0
-        expected_lr = DEFAULT_LR["msgd" if row["optimizer"] == "msgd" else "engm"]
+        expected_lr = DEFAULT_LR[row["optimizer"]]
         assert float(row["lr"]) == pytest.approx(expected_lr)
         assert (row["gamma"] == "") == (row["optimizer"] == "msgd")
     text = (out / "results.md").read_text()
     for _, title in METRICS:
         assert title in text
+    for name in ("| MSGD |", "| ENGM |", "| ENGM (input-norm) |"):  # one name per optimizer in the tables
+        assert name in text
     for name in ("runs.csv", "sensitivity.csv", "robust_over_epochs.png", "sweeps.png"):
         assert (out / name).stat().st_size > 0
     assert (out / "sweeps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -75,7 +78,7 @@ def test_runs_and_sweeps_follow_the_plan(minimal):
     runs = read_csv(Path(bench.out_dir) / "runs.csv")
     assert len(runs) == len(rows)
     lr_sweep = {(r["optimizer"], float(r["lr"])) for r in runs if r["part"] == "sensitivity-lr"}
-    assert lr_sweep == {("msgd", 0.1), ("msgd", 0.2), ("engm-exact", 0.5), ("engm-exact", 1.0)}
+    assert lr_sweep == {("msgd", 0.1), ("msgd", 0.2), ("engm", 0.5), ("engm", 1.0)}
     assert sorted(float(r["gamma"]) for r in runs if r["part"] == "gamma") == [1.0, 4.0]
     for spread in result["sensitivity"]:
         a, b = (r["pgd20_last_mean"] for r in result["summary"] if r["part"] == "sensitivity-lr" and r["optimizer"] == spread["optimizer"])
@@ -112,7 +115,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(minimal):
 def test_bad_configs_name_the_fix():
     with pytest.raises(ValueError, match="Fix: use some of"):
         BenchConfig(methods=("fgsm",), base=TINY).validate()
-    with pytest.raises(ValueError, match="engm-exact"):
+    with pytest.raises(ValueError, match="engm-input-norm"):
         BenchConfig(optimizers=("adam",), base=TINY).validate()
     with pytest.raises(ValueError, match="--seeds 0 1 2"):
         BenchConfig(seeds=(0, 0), base=TINY).validate()

@@ -3,27 +3,32 @@
 from __future__ import annotations
 
 import csv
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from models import build
-from naive import naive_per_example_grads
-from scipy.stats import spearmanr
+from scipy.stats import pearsonr, spearmanr
 
+from engm_opacus.at.attacks import pgd_linf
 from engm_opacus.cli import main
-from engm_opacus.diagnostics import DiagnosticsConfig, average_ranks, gradient_stats, spearman
-from engm_opacus.losses.pgd_at import PGDAT
+from engm_opacus.experiments.diagnostics import DiagnosticsConfig, average_ranks, gradient_stats, pearson, spearman
+from tests.helpers.naive import gamma_between, per_example_grads_loop
+from tests.helpers.nets import groupnorm_cnn, images
 
 
-def attack(seed: int = 0) -> PGDAT:
-    return PGDAT(eps=0.1, step_size=0.05, steps=2, generator=torch.Generator().manual_seed(seed))
+def attack(seed: int = 0) -> partial:
+    return partial(pgd_linf, eps=0.1, step_size=0.05, steps=2, generator=torch.Generator().manual_seed(seed))
+
+
+def cross_entropy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x), y)
 
 
 def naive_stats(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float, torch.Tensor]:
     """Per-example norms, mean ||g_i - g_bar||^2 and per-example input-gradient norms, by explicit loops."""
-    flat = torch.stack([torch.cat([g.flatten() for g in grads]) for grads in naive_per_example_grads(model, x, y)])
+    flat = torch.stack([torch.cat([g.flatten() for g in grads]) for grads in per_example_grads_loop(model, cross_entropy, x, y)])
     centered = flat - flat.mean(dim=0)
     input_norms = []
     for i in range(len(x)):
@@ -34,20 +39,23 @@ def naive_stats(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tup
 
 
 def probe(seed: int = 3, batch: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.rand(batch, 1, 4, 4, generator=generator, dtype=torch.float64), torch.randint(0, 5, (batch,), generator=generator)
+    return images(batch, torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("regime", ["NT", "AT"])
 def test_gradient_stats_equal_naive_loops(regime: str) -> None:
-    model = build("cnn")
+    model = groupnorm_cnn()
     x, y = probe()
-    x_measured = attack()(model, x, y).x_adv if regime == "AT" else x
+    x_measured = attack()(model, x, y) if regime == "AT" else x
     norms, trace, input_norms = naive_stats(model, x_measured, y)
+    gamma = gamma_between(norms)  # the floor is active for some examples only
+    before = [p.detach().clone() for p in model.parameters()]
     # Two batches: the statistics are over the whole probe set, whatever its batching.
-    stats = gradient_stats(model, [(x[:4], y[:4]), (x[4:], y[4:])] if regime == "NT" else [(x, y)], regime, attack())
+    stats = gradient_stats(model, [(x[:4], y[:4]), (x[4:], y[4:])] if regime == "NT" else [(x, y)], regime, attack(), gamma)
+    assert all(torch.equal(a, b) and b.grad is None for a, b in zip(before, model.parameters()))  # measured on a copy
     torch.testing.assert_close(stats.param_norms, norms, rtol=1e-10, atol=0)
     torch.testing.assert_close(stats.input_norms, input_norms, rtol=1e-10, atol=0)
+    torch.testing.assert_close(stats.weights, 1.0 / norms.clamp(min=gamma), rtol=1e-10, atol=0)
     assert stats.trace_covariance == pytest.approx(trace, rel=1e-10)
     assert stats.mean_grad_norm == pytest.approx(float(norms.mean()), rel=1e-12)
     assert stats.batch_mean_variance(4) == pytest.approx(trace / 4, rel=1e-10)
@@ -58,6 +66,7 @@ def test_spearman_matches_scipy_with_ties() -> None:
     x = torch.randint(0, 5, (40,), generator=generator).double()  # many ties
     y = x + torch.rand(40, generator=generator, dtype=torch.float64) * 3
     assert spearman(x, y) == pytest.approx(spearmanr(x.numpy(), y.numpy()).statistic, rel=1e-12)
+    assert pearson(x, y) == pytest.approx(pearsonr(x.numpy(), y.numpy()).statistic, rel=1e-12)
     torch.testing.assert_close(average_ranks(torch.tensor([3.0, 1.0, 3.0, 2.0])), torch.tensor([3.5, 1.0, 3.5, 2.0], dtype=torch.float64))
 
 

@@ -171,3 +171,13 @@ def test_grad_scaler_unscale_before_step_is_refused() -> None:
     scaler.unscale_(optimizer)
     with pytest.raises(RuntimeError, match=r"unscale_\(optimizer\)"):
         scaler.step(optimizer)
+
+
+def test_step_after_unwrapping_is_refused() -> None:
+    model = small_model()
+    wrapped, optimizer = make_engm(model, torch.optim.SGD(model.parameters(), lr=0.1), gamma=1.0)
+    plain = wrapped.to_standard_module()
+    x, y = batch()
+    F.cross_entropy(plain(x), y).backward()
+    with pytest.raises(RuntimeError, match="hooks are off.*plain torch optimizer"):
+        optimizer.step()

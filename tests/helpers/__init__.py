@@ -1,0 +1,1 @@
+"""Shared helpers of the test suite: independent references, tiny nets, AT script pieces."""
