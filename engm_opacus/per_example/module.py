@@ -18,7 +18,7 @@ norms and the weighted gradient at ``step()``.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Dict, Iterator, List, Mapping, Set, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Set, Tuple
 
 import torch
 from opacus.grad_sample import GradSampleModule
@@ -56,6 +56,28 @@ def unsupported_layers_error(model: nn.Module) -> ValueError | None:
         "engm_opacus.per_example.rules.register_rule (or an Opacus grad sampler with "
         "opacus.grad_sample.register_grad_sampler)."
     )
+
+
+SAVED_INPUT = {
+    "ConvolutionBackward0": "_saved_input",
+    "NativeBatchNormBackward0": "_saved_input",
+    "NativeGroupNormBackward0": "_saved_input",
+    "AddmmBackward0": "_saved_mat1",
+    "MmBackward0": "_saved_self",
+}
+"""Autograd nodes of the supported layers and the attribute holding the layer's input."""
+
+
+def saved_input_attribute(output: torch.Tensor, forward_input: Tuple[Any, ...]) -> Optional[str]:
+    """The attribute of ``output.grad_fn`` that holds the layer's only input (same shape), or ``None``."""
+    attribute = SAVED_INPUT.get(type(output.grad_fn).__name__)
+    if attribute is None or len(forward_input) != 1:
+        return None
+    try:
+        saved = getattr(output.grad_fn, attribute)
+    except RuntimeError:  # not saved for this backward (e.g. frozen weight)
+        return None
+    return attribute if isinstance(saved, torch.Tensor) and saved.shape == forward_input[0].shape else None
 
 
 def will_accumulate(p: nn.Parameter) -> bool:
@@ -137,7 +159,13 @@ class ENGMModule(GradSampleModule):
             self._current_record().input_grads.append(grad.detach())
 
     def capture_activations_hook(self, module: nn.Module, forward_input: Tuple[Any, ...], forward_output: Any) -> None:
-        """At a forward with gradients on: keep the call's inputs and hook its output tensor."""
+        """At a forward with gradients on: hook the call's output tensor; keep its inputs unless autograd keeps them.
+
+        When the layer's input is one of the tensors autograd saved for the output's backward node
+        (``_saved_input`` of a convolution or normalization, ``_saved_mat1`` of a Linear's ``addmm``),
+        nothing is kept here: the backward hook reads it from that node, so a backward that does not
+        reach the parameters (an attack) frees it as plain autograd does.
+        """
         if not self.hooks_enabled or not torch.is_grad_enabled():
             return
         if not isinstance(forward_output, torch.Tensor) or not forward_output.requires_grad:
@@ -150,13 +178,15 @@ class ENGMModule(GradSampleModule):
                 f"{type(module).__name__} was called without a positional tensor input; ENGM records a layer's "
                 "first positional input. Fix: call the layer as layer(x)."
             )
-        activations = [t.detach() if isinstance(t, torch.Tensor) else t for t in forward_input]
+        saved_as = saved_input_attribute(forward_output, forward_input)
+        activations = None if saved_as else [t.detach() if isinstance(t, torch.Tensor) else t for t in forward_input]
         call = LayerCall(
             layer=module,
             activations=activations,
-            versions=[t._version if isinstance(t, torch.Tensor) else 0 for t in activations],
-            forward_state=rule_for(module).forward_state(module, activations),
+            versions=[] if activations is None else [t._version if isinstance(t, torch.Tensor) else 0 for t in activations],
+            forward_state=rule_for(module).forward_state(module, forward_input, forward_output),
             params=params,
+            saved_as=saved_as,
         )
         forward_output.register_hook(partial(self.capture_backprops_hook, call))
 
@@ -165,10 +195,15 @@ class ENGMModule(GradSampleModule):
         if not self.hooks_enabled:
             return
         reached = tuple(p for p in call.params if will_accumulate(p))
-        if reached:
-            self._current_record().add(
-                LayerCall(call.layer, call.activations, call.versions, call.forward_state, reached, backprops.detach())
-            )
+        if not reached:
+            return
+        activations, versions = call.activations, call.versions
+        if activations is None:  # the node producing this output is the one running now
+            activations = [getattr(torch._C._current_autograd_node(), call.saved_as).detach()]
+            versions = [activations[0]._version]
+        self._current_record().add(
+            LayerCall(call.layer, activations, versions, call.forward_state, reached, backprops.detach())
+        )
 
     def _current_record(self) -> BackwardRecord:
         return self._records.setdefault(torch._C._current_graph_task_id(), BackwardRecord())

@@ -22,21 +22,25 @@ class LayerCall:
 
     Attributes:
         layer: the module that was called.
-        activations: its positional inputs, detached (same storage and version counter).
-        versions: the inputs' version counters at forward time (an in-place change after the
+        activations: its positional inputs, detached (same storage and version counter); at forward
+            time ``None`` when autograd keeps the input (``saved_as``).
+        versions: the kept inputs' version counters at forward time (an in-place change after the
             forward would make ``activations`` wrong; it is detected).
         forward_state: what the layer's rule kept at forward time (e.g. eval-mode BatchNorm's
             running statistics), or ``None``.
         params: the layer's trainable parameters that the backward pass reached.
         backprops: ``dL/d output`` of that backward pass (``None`` until it ran).
+        saved_as: the attribute of the output's autograd node that holds the input, when the
+            input is read from there at backward time instead of being kept.
     """
 
     layer: nn.Module
-    activations: List[Any]
+    activations: Optional[List[Any]]
     versions: List[int]
     forward_state: Any
     params: Tuple[nn.Parameter, ...]
     backprops: Optional[torch.Tensor] = None
+    saved_as: Optional[str] = None
 
     def reaches(self, p: Optional[torch.Tensor]) -> bool:
         """Whether ``p`` is one of the parameters this call's backward reached (by identity)."""

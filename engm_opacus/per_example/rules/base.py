@@ -46,8 +46,8 @@ class LayerReduction(Protocol):
 class LayerRule(Protocol):
     """How ENGM gets per-example norms and the weighted gradient of one layer type."""
 
-    def forward_state(self, layer: nn.Module, activations: Sequence[Any]) -> Any:
-        """What must be kept at forward time besides the inputs (``None`` for most layers)."""
+    def forward_state(self, layer: nn.Module, activations: Sequence[Any], output: torch.Tensor) -> Any:
+        """What must be kept at forward time besides the inputs and output gradient (``None`` for most layers)."""
         ...
 
     def reduction(self, layer: nn.Module, calls: List[LayerCall]) -> LayerReduction:
@@ -100,7 +100,7 @@ class PerExampleGradRule:
     Subclasses implement :meth:`per_example_grads` for one call.
     """
 
-    def forward_state(self, layer: nn.Module, activations: Sequence[Any]) -> Any:
+    def forward_state(self, layer: nn.Module, activations: Sequence[Any], output: torch.Tensor) -> Any:
         """Nothing beyond the inputs."""
         return None
 

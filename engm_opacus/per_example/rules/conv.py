@@ -178,7 +178,7 @@ class ConvReduction:
 class ConvRule:
     """Per-example norms and weighted gradient of ``nn.Conv{1,2,3}d``."""
 
-    def forward_state(self, layer: nn.Module, activations: Sequence[Any]) -> Any:
+    def forward_state(self, layer: nn.Module, activations: Sequence[Any], output: torch.Tensor) -> Any:
         """Nothing beyond the input."""
         return None
 

@@ -62,7 +62,7 @@ class LinearReduction:
 class LinearRule:
     """Per-example norms and weighted gradient of ``nn.Linear``."""
 
-    def forward_state(self, layer: nn.Module, activations: Sequence[Any]) -> Any:
+    def forward_state(self, layer: nn.Module, activations: Sequence[Any], output: torch.Tensor) -> Any:
         """Nothing beyond the input."""
         return None
 

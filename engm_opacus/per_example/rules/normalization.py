@@ -1,19 +1,24 @@
 """Rules for the per-channel affine normalization layers: ``nn.BatchNorm{1,2,3}d`` and ``nn.GroupNorm``.
 
-Both compute ``y = weight * x_hat + bias`` per channel, so with ``b`` the output gradient and the
-spatial positions ``s`` of example ``i``:
+Both compute ``y = weight * x_hat + bias`` per channel, with ``x_hat = (x - mean) * invstd`` for
+statistics over a set of rows and positions, so with ``b`` the output gradient and the spatial
+positions ``s`` of example ``i``:
 
 .. math::
 
-    dL/d\\mathrm{weight}^{(i)}_c = \\sum_s b_{i,c,s}\\, \\hat x_{i,c,s}, \\qquad
-    dL/d\\mathrm{bias}^{(i)}_c = \\sum_s b_{i,c,s}.
+    dL/d\\mathrm{weight}^{(i)}_c = \\sum_s b_{i,c,s}\\, \\hat x_{i,c,s}
+      = \\mathrm{invstd}\\,\\Big(\\sum_s b_{i,c,s} x_{i,c,s} - \\mathrm{mean} \\sum_s b_{i,c,s}\\Big), \\qquad
+    dL/d\\mathrm{bias}^{(i)}_c = \\sum_s b_{i,c,s},
+
+computed by reductions (no temporary of the activation's size). The statistics are the ones the
+forward used, taken from its autograd node when PyTorch's native kernel ran (free), else recomputed.
 
 **BatchNorm** (ENGM's definition of ``g_i``): ``theta^(i)`` is example ``i``'s own copy of
-``weight`` and ``bias`` inside the true training-mode batch computation; ``x_hat`` uses the
+``weight`` and ``bias`` inside the true training-mode batch computation; the statistics are the
 call's batch mean and biased variance (eval mode: the running statistics of that forward), and
 ``b`` is the ordinary backward's gradient, which already carries the coupling of the examples
 through the batch statistics. The per-example gradients of one backward sum to its batch gradient.
-**GroupNorm** normalizes each example by its own statistics, so ``dL/dtheta^(i) = grad l_i / B``.
+**GroupNorm** normalizes each example by its own per-group statistics, so ``dL/dtheta^(i) = grad l_i / B``.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engm_opacus.per_example.records import LayerCall
@@ -29,13 +33,29 @@ from engm_opacus.per_example.rules.base import ParamTensors, PerExampleGradRule,
 
 BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
+Statistics = Tuple[torch.Tensor, torch.Tensor]
+"""``(mean, invstd)`` broadcastable against ``[B, C]``."""
 
-def affine_per_example_grads(layer: nn.Module, call: LayerCall, x_hat_terms: Tuple[torch.Tensor, torch.Tensor]) -> ParamTensors:
-    """``[B, C]`` weight and bias gradients from ``sum_s b * x_hat`` and ``sum_s b`` (given as ``x_hat_terms``)."""
-    b_x_hat, b_sum = x_hat_terms
+
+def saved_statistics(output: torch.Tensor, node_name: str) -> Optional[Statistics]:
+    """``(mean, invstd)`` that PyTorch's native normalization kernel saved for its backward, if it ran."""
+    node = output.grad_fn
+    if node is None or type(node).__name__ != node_name:
+        return None
+    return node._saved_result1.detach(), node._saved_result2.detach()
+
+
+def affine_per_example_grads(layer: nn.Module, call: LayerCall, mean: torch.Tensor, invstd: torch.Tensor) -> ParamTensors:
+    """``[B, C]`` weight and bias gradients ``invstd (sum_s b x - mean sum_s b)`` and ``sum_s b``."""
+    dtype = compute_dtype(layer)
+    x, b = call.activations[0].to(dtype), call.backprops.to(dtype)
+    n, channels = x.shape[:2]
+    b_flat = b.reshape(n, channels, -1)
+    b_sum = b_flat.sum(2)
     grads: ParamTensors = {}
     if layer.weight is not None and call.reaches(layer.weight):
-        grads[layer.weight] = b_x_hat
+        b_x = torch.linalg.vecdot(b_flat, x.reshape(n, channels, -1), dim=2)
+        grads[layer.weight] = (b_x - mean.to(dtype) * b_sum) * invstd.to(dtype)
     if call.reaches(layer.bias):
         grads[layer.bias] = b_sum
     return grads
@@ -45,36 +65,40 @@ def affine_per_example_grads(layer: nn.Module, call: LayerCall, x_hat_terms: Tup
 class BatchNormRule(PerExampleGradRule):
     """BatchNorm under the per-example-copy definition (module docstring)."""
 
-    def forward_state(self, layer: nn.modules.batchnorm._BatchNorm, activations: Sequence[Any]) -> Any:
-        """The running statistics an eval-mode forward normalized with (copied: later forwards update them)."""
+    def forward_state(self, layer: nn.modules.batchnorm._BatchNorm, activations: Sequence[Any], output: torch.Tensor) -> Any:
+        """The statistics the forward normalized with: running statistics (copied, later forwards update
+        them) in eval mode; in training mode the batch statistics the kernel saved, or ``None``."""
         uses_batch_stats = layer.training or (layer.running_mean is None and layer.running_var is None)
-        return None if uses_batch_stats else (layer.running_mean.clone(), layer.running_var.clone())
+        if not uses_batch_stats:
+            return layer.running_mean.clone(), torch.rsqrt(layer.running_var + layer.eps)
+        return saved_statistics(output, "NativeBatchNormBackward0")
 
     def per_example_grads(self, layer: nn.modules.batchnorm._BatchNorm, call: LayerCall) -> ParamTensors:
-        """``sum_s b (x - mean) invstd`` computed as ``invstd * (sum_s b x - mean sum_s b)``: reductions only."""
-        dtype = compute_dtype(layer)
-        x, b = call.activations[0].to(dtype), call.backprops.to(dtype)
-        n, channels = x.shape[:2]
-        stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = call.forward_state
+        """:func:`affine_per_example_grads` with the call's statistics."""
+        stats: Optional[Statistics] = call.forward_state
         if stats is None:
+            x = call.activations[0].to(compute_dtype(layer))
             var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], unbiased=False)
-        else:
-            mean, var = (s.to(dtype) for s in stats)
-        b_flat, x_flat = b.reshape(n, channels, -1), x.reshape(n, channels, -1)
-        b_sum = b_flat.sum(2)
-        b_x_hat = (torch.einsum("ncs,ncs->nc", b_flat, x_flat) - mean * b_sum) * torch.rsqrt(var + layer.eps)
-        return affine_per_example_grads(layer, call, (b_x_hat, b_sum))
+            stats = mean, torch.rsqrt(var + layer.eps)
+        return affine_per_example_grads(layer, call, *stats)
 
 
 @register_rule(nn.GroupNorm)
 class GroupNormRule(PerExampleGradRule):
-    """GroupNorm: ``x_hat`` from each example's own group statistics."""
+    """GroupNorm: each example's own per-group statistics."""
+
+    def forward_state(self, layer: nn.GroupNorm, activations: Sequence[Any], output: torch.Tensor) -> Any:
+        """The ``[B, groups]`` statistics the kernel saved, or ``None``."""
+        return saved_statistics(output, "NativeGroupNormBackward0")
 
     def per_example_grads(self, layer: nn.GroupNorm, call: LayerCall) -> ParamTensors:
-        """``sum_s b * x_hat`` with ``x_hat = F.group_norm(x)`` (no affine), and ``sum_s b``."""
-        dtype = compute_dtype(layer)
-        x, b = call.activations[0].to(dtype), call.backprops.to(dtype)
-        n, channels = x.shape[:2]
-        x_hat = F.group_norm(x, layer.num_groups, eps=layer.eps).reshape(n, channels, -1)
-        b_flat = b.reshape(n, channels, -1)
-        return affine_per_example_grads(layer, call, (torch.einsum("ncs,ncs->nc", b_flat, x_hat), b_flat.sum(2)))
+        """:func:`affine_per_example_grads` with the per-group statistics expanded to channels."""
+        stats: Optional[Statistics] = call.forward_state
+        x = call.activations[0].to(compute_dtype(layer))
+        n, groups = len(x), layer.num_groups
+        if stats is None:
+            var, mean = torch.var_mean(x.reshape(n, groups, -1), dim=2, unbiased=False)
+            stats = mean, torch.rsqrt(var + layer.eps)
+        per_group = layer.num_channels // groups
+        mean, invstd = (s.reshape(n, groups).repeat_interleave(per_group, dim=1) for s in stats)
+        return affine_per_example_grads(layer, call, mean, invstd)
