@@ -80,14 +80,15 @@ def saved_input_attribute(output: torch.Tensor, forward_input: Tuple[Any, ...]) 
     return attribute if isinstance(saved, torch.Tensor) and saved.shape == forward_input[0].shape else None
 
 
-def will_accumulate(p: nn.Parameter) -> bool:
-    """``True`` when the running backward pass will accumulate a gradient into ``p.grad``.
+def will_accumulate(accumulator: Any) -> bool:
+    """``True`` when the running backward pass will run ``accumulator`` (a parameter's
+    ``AccumulateGrad`` node), i.e. accumulate a gradient into ``p.grad``.
 
-    ``torch.autograd.grad`` never accumulates into ``.grad``; when ``p`` is one of its inputs,
-    PyTorch refuses the query for ``p``'s accumulator node, which therefore means "no".
+    ``torch.autograd.grad`` never accumulates into ``.grad``; when the parameter is one of its
+    inputs, PyTorch refuses the query for its accumulator node, which therefore means "no".
     """
     try:
-        return torch._C._will_engine_execute_node(_get_grad_fn_or_grad_acc(p))
+        return torch._C._will_engine_execute_node(accumulator)
     except RuntimeError as error:
         if "autograd.grad()" in str(error):
             return False
@@ -112,6 +113,7 @@ class ENGMModule(GradSampleModule):
             raise error
         self._records: Dict[int, BackwardRecord] = {}
         self._accumulated: Set[nn.Parameter] = set()
+        self._accumulators: Dict[nn.Parameter, Any] = {}
         super().__init__(m, batch_first=True, loss_reduction=loss_reduction, strict=False)
         self.record_input_grads = record_input_grads
         self._accumulate_handles = [
@@ -155,7 +157,7 @@ class ENGMModule(GradSampleModule):
         return tapped
 
     def _capture_input_grad(self, grad: torch.Tensor) -> None:
-        if self.hooks_enabled and any(will_accumulate(p) for p in self._trainable()):
+        if self.hooks_enabled and any(will_accumulate(self._accumulator(p)) for p in self._trainable()):
             self._current_record().input_grads.append(grad.detach())
 
     def capture_activations_hook(self, module: nn.Module, forward_input: Tuple[Any, ...], forward_output: Any) -> None:
@@ -194,7 +196,7 @@ class ENGMModule(GradSampleModule):
         """At the backward of one call: record ``dL/d output`` if this pass reaches the call's parameters."""
         if not self.hooks_enabled:
             return
-        reached = tuple(p for p in call.params if will_accumulate(p))
+        reached = tuple(p for p in call.params if will_accumulate(self._accumulator(p)))
         if not reached:
             return
         activations, versions = call.activations, call.versions
@@ -204,6 +206,13 @@ class ENGMModule(GradSampleModule):
         self._current_record().add(
             LayerCall(call.layer, activations, versions, call.forward_state, reached, backprops.detach())
         )
+
+    def _accumulator(self, p: nn.Parameter) -> Any:
+        """``p``'s ``AccumulateGrad`` node, kept alive here so that autograd reuses it (as DDP does)."""
+        node = self._accumulators.get(p)
+        if node is None:
+            node = self._accumulators[p] = _get_grad_fn_or_grad_acc(p)
+        return node
 
     def _current_record(self) -> BackwardRecord:
         return self._records.setdefault(torch._C._current_graph_task_id(), BackwardRecord())

@@ -120,6 +120,7 @@ class ConvReduction:
         if calls[0].reaches(layer.bias):
             n = len(calls[0].backprops)
             kept[layer.bias] = sum(c.backprops.to(self.dtype).reshape(n, layer.out_channels, -1).sum(2) for c in calls)
+            out[layer.bias] = squared_row_norms(kept[layer.bias])
         if calls[0].reaches(layer.weight):
             if self._use_ghost():
                 out[layer.weight] = self._ghost_squared_norms()
@@ -129,7 +130,6 @@ class ConvReduction:
                 if grads.numel() <= INSTANTIATION_ELEMENTS:
                     kept[layer.weight] = grads
         self.kept = PerExampleGrads(kept)
-        out.update({p: g for p, g in self.kept.squared_norms().items() if p is not layer.weight})
         return out
 
     def _ghost_squared_norms(self) -> torch.Tensor:
