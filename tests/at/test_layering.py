@@ -8,26 +8,10 @@ import sys
 from pathlib import Path
 
 import engm_opacus
+from tests.helpers.imports import imported_modules
 
 AT_DIR = Path(engm_opacus.__file__).parent / "at"
 CORE = ("engm_opacus.optim", "engm_opacus.per_example", "engm_opacus.wrap")
-
-
-def imported_modules(path: Path) -> set[str]:
-    """Absolute names of every ``import`` / ``from ... import`` in ``path`` (relative imports resolved)."""
-    package = ".".join(path.relative_to(AT_DIR.parent.parent).with_suffix("").parts[:-1])
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-                base = f"{parent}.{base}" if base else parent
-            names.add(base)
-            names.update(f"{base}.{alias.name}" for alias in node.names)
-    return names
 
 
 def test_at_sources_import_no_core_module() -> None:
