@@ -9,37 +9,16 @@ never imports the ENGM core (``optim``, ``per_example``, ``wrap``). Per step:
     L.\\mathrm{backward}();\\ \\mathrm{optimizer.step}()
 """
 
+from engm_opacus.at import losses
 from engm_opacus.at.attacks import attack_mode, pgd_linf, project, validate_attack, validate_threat_model
-from engm_opacus.at.losses import (
-    AT_METHODS,
-    AWP,
-    MART,
-    PGDAT,
-    TRADES,
-    ATLoss,
-    ATLossOutput,
-    AttackThenLoss,
-    PerturbsWeights,
-    at_method_names,
-    get_at_loss,
-)
+from engm_opacus.at.losses import *  # noqa: F401,F403  (the loss adapters, listed in losses.__all__)
 from engm_opacus.at.step import StepMetrics, count_correct, train_step
 
 __all__ = [
-    "AT_METHODS",
-    "AWP",
-    "ATLoss",
-    "ATLossOutput",
-    "AttackThenLoss",
-    "MART",
-    "PGDAT",
-    "PerturbsWeights",
+    *losses.__all__,
     "StepMetrics",
-    "TRADES",
-    "at_method_names",
     "attack_mode",
     "count_correct",
-    "get_at_loss",
     "pgd_linf",
     "project",
     "train_step",
