@@ -12,12 +12,17 @@ from __future__ import annotations
 from typing import Literal, Optional, Tuple
 
 import torch
+from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
 from opacus.grad_sample import GradSampleModule
 from torch import nn
 
 from engm_opacus.functional import validate_gamma
 from engm_opacus.optim import ENGMOptimizer, InputNormEstimator, NonFinitePolicy, require_torch_optimizer
+from engm_opacus.optim.distributed import skip_gradient_all_reduce
 from engm_opacus.per_example import ENGMModule
+
+DATA_PARALLEL = (nn.parallel.DistributedDataParallel, DifferentiallyPrivateDistributedDataParallel)
+"""Data-parallel wrappers ``make_engm`` accepts: ENGM then all-reduces its own sums over the ranks."""
 
 Variant = Literal["exact", "input-norm"]
 VARIANTS: Tuple[str, ...] = ("exact", "input-norm")
@@ -42,8 +47,15 @@ def make_engm(
     ``d = (1/N) sum_i g_i / max(||g_i||_2, gamma)`` goes to ``optimizer`` (SGD semantics for
     weight decay, momentum, Nesterov).
 
+    Data parallelism: pass the model already wrapped in ``DistributedDataParallel`` (or Opacus's
+    ``DifferentiallyPrivateDistributedDataParallel``), as Opacus's ``make_private`` takes it. Each
+    rank computes its examples' ``g_i``, norms and weights; the weighted sums and example counts are
+    all-reduced, so ``d`` is the single-process direction on the global batch (uneven shards too),
+    and DDP's own gradient all-reduce is skipped. BatchNorm keeps per-rank statistics, as in plain
+    DDP: ``g_i`` is then ``B_r * dL_r/dtheta^(i)`` within rank ``r``'s batch of ``B_r`` rows.
+
     Args:
-        model: the network (BatchNorm allowed). Every trainable layer needs a per-example rule:
+        model: the network (BatchNorm allowed), or the network wrapped in ``DistributedDataParallel``. Every trainable layer needs a per-example rule:
             Linear, Conv1d/2d/3d (any ``padding_mode``), BatchNorm1d/2d/3d, GroupNorm, and the
             layers Opacus has grad samplers for; others are refused with the list.
         optimizer: a ``torch.optim.Optimizer`` built on ``model``'s parameters.
@@ -77,8 +89,11 @@ def make_engm(
         raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}.")
     if variant == "exact" and input_norm_scale is not None:
         raise ValueError("input_norm_scale applies to variant='input-norm' only. Fix: drop it, or pass variant='input-norm'.")
-    if isinstance(model, GradSampleModule):
-        raise ValueError("model is already wrapped by Opacus. Fix: pass the plain nn.Module (its .to_standard_module()).")
+    if isinstance(model, GradSampleModule) or isinstance(getattr(model, "module", None), GradSampleModule):
+        raise ValueError(
+            "model is already wrapped by Opacus or make_engm. Fix: pass the plain nn.Module (its .to_standard_module()), "
+            "or for data parallelism make_engm(DistributedDataParallel(model), optimizer, gamma=...)."
+        )
     owned = {id(p) for p in model.parameters()}
     foreign = [i for group in optimizer.param_groups for i, p in enumerate(group["params"]) if id(p) not in owned]
     if foreign:
@@ -91,5 +106,11 @@ def make_engm(
         estimator = InputNormEstimator(
             scale=input_norm_scale, calibrate_every=calibrate_every, calibration_momentum=calibration_momentum
         )
+    distributed = isinstance(model, DATA_PARALLEL)
     wrapped = ENGMModule(model, loss_reduction=loss_reduction, record_input_grads=estimator is not None)
-    return wrapped, ENGMOptimizer(optimizer, module=wrapped, gamma=gamma, on_nonfinite=on_nonfinite, estimator=estimator)
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        skip_gradient_all_reduce(model)
+    engm = ENGMOptimizer(
+        optimizer, module=wrapped, gamma=gamma, on_nonfinite=on_nonfinite, estimator=estimator, distributed=distributed
+    )
+    return wrapped, engm

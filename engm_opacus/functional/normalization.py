@@ -48,8 +48,9 @@ def engm_weights(norms: torch.Tensor, gamma: float) -> torch.Tensor:
 def nonfinite_norms_error(norms: torch.Tensor) -> FloatingPointError:
     """The error for NaN/inf per-example norms, naming the examples and the two fixes."""
     bad = torch.nonzero(~torch.isfinite(norms)).flatten().tolist()
+    where = f"examples {bad[:10]} of {len(norms)}" if bad else "examples of another data-parallel rank"
     return FloatingPointError(
-        f"Non-finite per-example gradient norm for examples {bad[:10]} of {len(norms)}. "
+        f"Non-finite per-example gradient norm for {where}. "
         "Fix: lower the learning rate or check the loss for log(0)/overflow; or pass "
         "on_nonfinite='skip' to make_engm to skip such steps (no update, momentum untouched)."
     )

@@ -26,6 +26,7 @@ from opacus.optimizers.optimizer import DPOptimizer
 from torch import nn
 
 from engm_opacus.functional import engm_weights, nonfinite_norms_error, validate_gamma
+from engm_opacus.optim.distributed import all_reduce_sums, data_parallel_world
 from engm_opacus.optim.input_norm import InputNormEstimator
 from engm_opacus.optim.stats import ENGMStepStats
 from engm_opacus.per_example import BackwardRecord, ENGMModule, LayerReduction, rule_for
@@ -74,6 +75,8 @@ class ENGMOptimizer(DPOptimizer):
             sum to ``p.grad`` (one extra weighted-gradient computation): a parameter used outside
             its layer's forward (tied weights, ``F.linear(x, layer.weight)``) or gradients cleared
             behind ENGM's back raise instead of giving a wrong update. ``0`` turns it off.
+        distributed: the model is data-parallel: all-reduce the weighted sums and example counts
+            of every rank (set by :func:`~engm_opacus.make_engm` for a ``DistributedDataParallel`` model).
     """
 
     _step_supports_amp_scaling = True
@@ -87,6 +90,7 @@ class ENGMOptimizer(DPOptimizer):
         on_nonfinite: NonFinitePolicy = "raise",
         estimator: Optional[InputNormEstimator] = None,
         verify_steps: int = 1,
+        distributed: bool = False,
     ):
         require_torch_optimizer(optimizer)
         if on_nonfinite not in ("raise", "skip"):
@@ -101,6 +105,7 @@ class ENGMOptimizer(DPOptimizer):
         self._norms: List[torch.Tensor] = []
         self._calibration_errors: List[float] = []
         self.verify_steps = verify_steps
+        self.distributed = distributed
 
     @property
     def gamma(self) -> float:
@@ -132,7 +137,7 @@ class ENGMOptimizer(DPOptimizer):
             norms = self._norms_of(record, reductions, factor, own)
             self._norms.append(norms)
             if not bool(torch.isfinite(norms).all()):
-                if self.on_nonfinite == "raise" and not overflow:
+                if self.on_nonfinite == "raise" and not overflow and not self.distributed:
                     raise nonfinite_norms_error(norms)
                 continue
             factors = engm_weights(norms, self.gamma) * factor
@@ -215,12 +220,23 @@ class ENGMOptimizer(DPOptimizer):
             )
 
     def pre_step(self, closure: Optional[Callable[[], float]] = None) -> bool:
-        """Accumulate the records; unless the step is skipped, set ``p.grad = d``; return whether to step."""
+        """Accumulate the records; unless the step is skipped, set ``p.grad = d``; return whether to step.
+
+        In a data-parallel job (``make_engm`` on a ``DistributedDataParallel`` model) the sums, the
+        example count and the skip decision are all-reduced first (:mod:`engm_opacus.optim.distributed`).
+        """
         if not self.module.hooks_enabled:
             raise RuntimeError(
                 "The model's ENGM hooks are off (to_standard_module() or disable_hooks() was called), so this "
                 "step would silently be plain SGD. Fix: keep training the model make_engm returned, or build a plain "
                 "torch optimizer for the unwrapped model."
+            )
+        if not self.distributed and data_parallel_world() > 1:
+            raise RuntimeError(
+                f"torch.distributed runs {data_parallel_world()} processes, but this ENGM optimizer was made for one: "
+                "DistributedDataParallel wrapped around make_engm's model (or no wrapper at all) would average "
+                "p.grad and ENGM would overwrite it with each rank's local direction. Fix: "
+                "model, optimizer = make_engm(DistributedDataParallel(model), optimizer, gamma=...)."
             )
         grad_scale, overflow = self._amp_state()
         self.accumulate(grad_scale, overflow)
@@ -228,15 +244,21 @@ class ENGMOptimizer(DPOptimizer):
             self._is_last_step_skipped = True
             return False
         self._is_last_step_skipped = False
-        if not self._norms:
+        local = torch.cat([n.to(self._norms[0].device) for n in self._norms]) if self._norms else torch.zeros(0)
+        nonfinite = not bool(torch.isfinite(local).all())
+        examples = len(local)
+        if self.distributed:
+            examples, (overflow, nonfinite) = all_reduce_sums(self.params, examples, (overflow, nonfinite))
+            if nonfinite and self.on_nonfinite == "raise" and not overflow:
+                raise nonfinite_norms_error(local)
+        if examples == 0:
             return True  # no backward reached the parameters: the wrapped optimizer sees p.grad as it is
-        norms = torch.cat([n.to(self._norms[0].device) for n in self._norms])
-        skipped = overflow or not bool(torch.isfinite(norms).all())
+        skipped = overflow or nonfinite
         if not skipped:
             for p in self.params:
                 if p.summed_grad is not None:
-                    p.grad = (p.summed_grad / len(norms)).view_as(p).to(p.dtype)
-        self.last_step = self._stats(norms, skipped)
+                    p.grad = (p.summed_grad / examples).view_as(p).to(p.dtype)
+        self.last_step = self._stats(local, skipped)
         if self.estimator is not None:
             self.estimator.steps += 1
         return not skipped
