@@ -8,6 +8,12 @@ that gets no gradient would also get no per-example gradient). Global average po
 ``AdaptiveAvgPool2d(1)``, which equals the originals' fixed ``avg_pool2d(4)`` / ``(8)``
 on 32x32 inputs and also accepts other input sizes.
 
+TinyImageNet (64x64, 200 classes): the models are built with ``num_classes=200`` and keep the
+CIFAR stem (3x3 stride-1 convolution, no max-pool), as AT codes commonly do for
+TinyImageNet; the stages' strides 1, 2, 2, 2 leave an 8x8 map (instead of 4x4),
+which the global average pool reduces to one vector, so the head is ``Linear(512, 200)``
+(11,269,640 parameters at width 64). Each layer costs 4x its 32x32 FLOPs.
+
 Every model takes ``norm``: ``"batch"`` (``BatchNorm2d``, what AT users train) or
 ``"group"`` (``GroupNorm`` with ``gcd(32, C)`` groups over ``C`` channels; Opacus's
 ``ModuleValidator.fix`` uses ``min(32, C)``, which equals ``gcd(32, C)`` for the
@@ -117,7 +123,12 @@ class PreActBlock(nn.Module):
 
 
 class PreActResNet18(nn.Module):
-    """PreAct ResNet-18: stem conv, four stages of two blocks (``width * (1, 2, 4, 8)`` channels), norm, ReLU, pool, linear."""
+    """PreAct ResNet-18: stem conv, four stages of two blocks (``width * (1, 2, 4, 8)`` channels), norm, ReLU, pool, linear.
+
+    The stem is a 3x3 stride-1 convolution (no max-pool) and the stages have strides 1, 2, 2, 2:
+    the final map is ``H/8 x W/8`` (4x4 for CIFAR, 8x8 for TinyImageNet's 64x64), averaged to one
+    ``8 * width`` vector by ``AdaptiveAvgPool2d(1)`` before the linear head.
+    """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, norm: Norm = "batch", width: int = 64):
         super().__init__()
