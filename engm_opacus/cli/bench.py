@@ -16,6 +16,7 @@ from typing import Any, Dict
 from engm_opacus.at.losses import at_method_names
 from engm_opacus.experiments.benchmark import DEFAULT_METHODS, OPTIMIZER_CHOICES, BenchConfig, quick_config, run_benchmark
 from engm_opacus.training.data import DATASETS
+from engm_opacus.training.options import plain_text
 from engm_opacus.training.runtime import DEVICES
 
 
@@ -69,7 +70,7 @@ def bench_config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``bench`` subparser."""
-    parser = subparsers.add_parser("bench", help="benchmark ENGM vs MSGD (AT methods x optimizers x seeds, sweeps)", description=__doc__.split("\n\n")[1])
+    parser = subparsers.add_parser("bench", help="benchmark ENGM vs MSGD (AT methods x optimizers x seeds, sweeps)", description=plain_text(__doc__.split("\n\n")[1]))
     add_arguments(parser)
     parser.set_defaults(handler=run)
     return parser
@@ -77,5 +78,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark; tables are printed and files written by :func:`~engm_opacus.experiments.benchmark.run_benchmark`."""
-    run_benchmark(bench_config_from_args(args))
+    try:
+        run_benchmark(bench_config_from_args(args))
+    except KeyboardInterrupt as error:
+        raise KeyboardInterrupt("finished runs are kept; the same command again reuses them and resumes the rest") from error
     return 0

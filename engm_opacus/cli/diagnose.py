@@ -17,6 +17,7 @@ from rich.console import Console
 from engm_opacus.cli import number
 from engm_opacus.experiments.diagnostics import DiagnosticsConfig, run_diagnostics
 from engm_opacus.experiments.diagnostics_report import ratios_table
+from engm_opacus.training.options import plain_text
 
 DEFAULTS = DiagnosticsConfig()
 
@@ -26,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "diagnose",
         help="gradient norm, variance and norm correlations: natural training vs PGD-AT",
-        description=__doc__.split("\n\n")[1],
+        description=plain_text(__doc__.split("\n\n")[1]),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--out", required=True, help="folder for the CSV files and PNG plots (created)")

@@ -13,6 +13,7 @@ from engm_opacus.at.losses import at_method_names
 from engm_opacus.functional import validate_gamma
 from engm_opacus.training.data import DATASETS
 from engm_opacus.training.models import MODELS, NORMS
+from engm_opacus.training.options import check_options
 from engm_opacus.training.runtime import DEVICES
 
 OPTIMIZERS: Tuple[str, ...] = ("engm", "engm-input-norm", "msgd")
@@ -26,6 +27,30 @@ DEFAULT_LR: Dict[str, float] = {"engm": 0.5, "engm-input-norm": 0.5, "msgd": 0.1
 """Base learning rate per optimizer when ``TrainConfig.lr`` is ``None`` (measured on digits, see :class:`TrainConfig`)."""
 RESUMABLE_CHANGES: Tuple[str, ...] = ("resume", "out_dir", "device", "threads", "progress", "overwrite")
 """Config fields that may differ between a checkpoint and the run resuming it."""
+DATA, ATTACK, OPTIMIZER, RUN = "data and model", "adversarial training", "optimizer", "run"
+GROUPS: Tuple[str, ...] = (DATA, ATTACK, OPTIMIZER, RUN)
+"""The groups the fields are listed in (``field.metadata["group"]``), e.g. by ``engm-opacus train --help``."""
+
+
+def _field(default: Any, help_text: str, group: str) -> Any:
+    """A dataclass field with its one-line ``help`` and ``group`` in the metadata (a callable default is a factory)."""
+    metadata = {"help": help_text, "group": group}
+    if callable(default):
+        return field(default_factory=default, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def field_choices() -> Dict[str, Tuple[str, ...]]:
+    """The valid values of each field that takes a name (``dataset``, ``model``, ...)."""
+    return {
+        "dataset": DATASETS,
+        "model": tuple(MODELS),
+        "norm": NORMS,
+        "at_method": at_method_names(),
+        "optimizer": OPTIMIZERS,
+        "schedule": SCHEDULES,
+        "device": DEVICES,
+    }
 
 
 @dataclass
@@ -52,19 +77,21 @@ class TrainConfig:
 
     Attributes:
         dataset: ``digits`` | ``cifar10`` | ``cifar100``.
-        data_dir: folder with the CIFAR files (not used by digits).
+        data_dir: folder with the dataset files (CIFAR, TinyImageNet; not used by digits).
         model: a name registered in :data:`engm_opacus.training.models.MODELS`
             (``small-cnn`` | ``preact-resnet18`` | ``wrn-34-10``).
         norm: ``group`` | ``batch`` (see :mod:`engm_opacus.training.models`).
         width: model width override (``None``: the standard width).
         at_method: an AT loss name of :func:`engm_opacus.at.losses.get_at_loss`.
-        at_options: extra keyword arguments of the AT loss (e.g. ``{"beta": 6.0}``).
+        at_options: extra keyword arguments of the AT loss: ``beta`` (TRADES), ``lam`` (MART),
+            ``gamma_awp`` (AWP); the list is :func:`engm_opacus.training.options.at_loss_options`.
         attack_eval_mode: attack with the model in eval mode during training.
         optimizer: ``engm`` (exact per-example norms), ``engm-input-norm`` (the input-norm
             variant) or ``msgd`` (plain momentum SGD on the mean loss, the baseline).
         gamma: ENGM normalization floor in ``w_i = 1/max(||g_i||, gamma)``.
         engm_options: further keyword arguments of :func:`engm_opacus.make_engm`
-            (``on_nonfinite``, ``input_norm_scale``, ``calibrate_every``, ...).
+            (``on_nonfinite``; input-norm only: ``input_norm_scale``, ``calibrate_every``,
+            ``calibration_momentum``): :func:`engm_opacus.training.options.engm_options`.
         lr: base learning rate; ``None`` resolves (in :meth:`validate`) to :data:`DEFAULT_LR` of
             the optimizer: the update sizes of ENGM and MSGD differ (ENGM's direction has norm
             at most ``1/gamma``-scaled per example), so each gets its own default.
@@ -83,46 +110,50 @@ class TrainConfig:
         val_pgd_steps: PGD steps of the per-epoch validation attack.
         test_pgd_steps: PGD steps of the final test evaluation (PGD-20).
         max_train_examples, max_val_examples, max_test_examples: subset sizes (``None``: all).
-        out_dir: run folder (``None``: ``runs/<UTC time>-<dataset>-<optimizer>-<at_method>``,
-            or the checkpoint's folder when resuming).
+        out_dir: run folder (``None``: a new ``runs/<UTC time>-<dataset>-<optimizer>-<at_method>``,
+            with ``-2``, ``-3``, ... appended if that exists, or the checkpoint's folder when resuming).
         resume: a checkpoint to continue from.
         overwrite: allow starting a fresh run in an ``out_dir`` that already has checkpoints.
-        progress: show rich progress bars and tables.
+        progress: show rich progress bars, per-epoch lines and the result tables (``engm-opacus
+            train --no-progress`` still prints the tables).
     """
 
-    dataset: str = "digits"
-    data_dir: Optional[str] = None
-    model: str = "small-cnn"
-    norm: str = "group"
-    width: Optional[int] = None
-    at_method: str = "pgd-at"
-    at_options: Dict[str, Any] = field(default_factory=dict)
-    attack_eval_mode: bool = False
-    optimizer: str = "engm"
-    gamma: float = 1.0
-    engm_options: Dict[str, Any] = field(default_factory=dict)
-    lr: Optional[float] = None
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = False
-    schedule: str = "piecewise"
-    epochs: int = 10
-    batch_size: int = 32
-    seed: int = 0
-    device: str = "auto"
-    threads: Optional[int] = 1
-    eps: float = 8 / 255
-    step_size: float = 2 / 255
-    pgd_steps: int = 10
-    val_pgd_steps: int = 10
-    test_pgd_steps: int = 20
-    max_train_examples: Optional[int] = None
-    max_val_examples: Optional[int] = None
-    max_test_examples: Optional[int] = None
-    out_dir: Optional[str] = None
-    resume: Optional[str] = None
-    overwrite: bool = False
-    progress: bool = True
+    dataset: str = _field("digits", "dataset", DATA)
+    data_dir: Optional[str] = _field(None, "folder with the dataset files (CIFAR, TinyImageNet; not used by digits)", DATA)
+    model: str = _field("small-cnn", "architecture", DATA)
+    norm: str = _field("group", "normalization layers", DATA)
+    width: Optional[int] = _field(None, "model width / widen factor override (none: the model's standard width)", DATA)
+    at_method: str = _field("pgd-at", "AT loss", ATTACK)
+    at_options: Dict[str, Any] = _field(dict, "keyword options of the AT loss (one flag each below)", ATTACK)
+    attack_eval_mode: bool = _field(False, "attack with the model in eval mode during training", ATTACK)
+    optimizer: str = _field(
+        "engm", "outer optimizer: engm (exact per-example norms), engm-input-norm (norms estimated from input "
+        "gradients), or msgd for the plain momentum-SGD baseline", OPTIMIZER,
+    )
+    gamma: float = _field(1.0, "ENGM normalization floor in w_i = 1/max(||g_i||, gamma)", OPTIMIZER)
+    engm_options: Dict[str, Any] = _field(dict, "keyword options of make_engm (one flag each below)", OPTIMIZER)
+    lr: Optional[float] = _field(None, "base learning rate (none: 0.5 for ENGM, 0.1 for MSGD)", OPTIMIZER)
+    momentum: float = _field(0.9, "SGD momentum", OPTIMIZER)
+    weight_decay: float = _field(5e-4, "SGD weight decay", OPTIMIZER)
+    nesterov: bool = _field(False, "Nesterov momentum", OPTIMIZER)
+    schedule: str = _field("piecewise", "LR schedule (piecewise: /10 at 50% and 75% of the epochs)", OPTIMIZER)
+    epochs: int = _field(10, "training epochs", OPTIMIZER)
+    batch_size: int = _field(32, "mini-batch size", OPTIMIZER)
+    seed: int = _field(0, "seed of initialization, data order and attacks", RUN)
+    device: str = _field("auto", "device", RUN)
+    threads: Optional[int] = _field(1, "CPU threads for torch (none: torch's setting; 1 is fastest for the small default model)", RUN)
+    eps: float = _field(8 / 255, "L-infinity radius in [0, 1]; fractions such as 8/255 are accepted", ATTACK)
+    step_size: float = _field(2 / 255, "PGD step in [0, 1]", ATTACK)
+    pgd_steps: int = _field(10, "PGD steps of the training attack", ATTACK)
+    val_pgd_steps: int = _field(10, "PGD steps of the per-epoch validation attack", ATTACK)
+    test_pgd_steps: int = _field(20, "PGD steps of the final test evaluation", ATTACK)
+    max_train_examples: Optional[int] = _field(None, "train on the first N training examples only (none: all)", DATA)
+    max_val_examples: Optional[int] = _field(None, "validate on the first N validation examples only (none: all)", DATA)
+    max_test_examples: Optional[int] = _field(None, "test on the first N test examples only (none: all)", DATA)
+    out_dir: Optional[str] = _field(None, "run folder (default: a new runs/<UTC time>-<dataset>-<optimizer>-<at-method>[-N])", RUN)
+    resume: Optional[str] = _field(None, "continue the run of this checkpoint (its config is the base)", RUN)
+    overwrite: bool = _field(False, "allow a fresh run in an out-dir that already has checkpoints", RUN)
+    progress: bool = _field(True, "progress bars and per-epoch lines (the result tables are printed either way)", RUN)
 
     @property
     def uses_engm(self) -> bool:
@@ -131,16 +162,7 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise ``ValueError`` naming the valid choices for any bad field; resolve ``lr=None``; return ``self``."""
-        choices = {
-            "dataset": DATASETS,
-            "model": tuple(MODELS),
-            "norm": NORMS,
-            "at_method": at_method_names(),
-            "optimizer": OPTIMIZERS,
-            "schedule": SCHEDULES,
-            "device": DEVICES,
-        }
-        for name, valid in choices.items():
+        for name, valid in field_choices().items():
             value = getattr(self, name)
             if value not in valid:
                 raise ValueError(f"Unknown {name} {value!r}. Fix: use one of {', '.join(valid)}.")
@@ -148,6 +170,10 @@ class TrainConfig:
             validate_threat_model(self.eps, self.step_size, steps)
         if self.uses_engm:
             validate_gamma(self.gamma)
+        check_options("at_options", self.at_options, self.at_method, "at_method")
+        if self.engm_options and not self.uses_engm:
+            raise ValueError(f"engm_options {self.engm_options!r} need an ENGM optimizer, not {self.optimizer!r}. Fix: drop them.")
+        check_options("engm_options", self.engm_options, self.optimizer, "optimizer")
         positive = {"epochs": self.epochs, "batch_size": self.batch_size}
         for name in ("max_train_examples", "max_val_examples", "max_test_examples", "width", "threads"):
             if getattr(self, name) is not None:
@@ -187,7 +213,11 @@ def check_resume_compatible(config: TrainConfig, saved: Dict[str, Any], path: st
 
 
 def default_out_dir(config: TrainConfig) -> Path:
-    """``runs/<UTC time>-<dataset>-<optimizer>-<at_method>``."""
+    """``runs/<UTC time>-<dataset>-<optimizer>-<at_method>``: the base name; the loop claims it (or ``-2``, ``-3``, ...).
+
+    :func:`engm_opacus.training.logs.claim_new_dir` makes the folder exclusively, so runs started
+    in the same second get distinct folders.
+    """
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{stamp}-{config.dataset}-{config.optimizer}-{config.at_method}"
 

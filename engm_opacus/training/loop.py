@@ -2,12 +2,19 @@
 
 Per epoch: one pass of :func:`engm_opacus.at.step.train_step` over the shuffled training
 split (attack, mean-reduced AT loss, ``loss.backward()``, ENGM or SGD step, per-iteration LR
-schedule), then clean and PGD accuracy on the validation split. Every epoch appends a record to
-``metrics.json`` / ``metrics.csv`` and atomically rewrites ``last.pt``; ``best.pt`` is
-rewritten when the validation PGD accuracy improves (strictly). At the end the last and
-the best model are evaluated on the test split (clean and PGD-``test_pgd_steps``) and
-``result.json`` is written. The robust-overfitting gap is
+schedule), then clean and PGD accuracy on the validation split. Every epoch atomically rewrites
+``best.pt`` when the validation PGD accuracy improves (strictly), then ``last.pt``, then
+``metrics.json`` / ``metrics.csv`` (in that order, so an interruption between two writes never
+leaves a ``last.pt`` that claims a best epoch ``best.pt`` does not hold). At the end the last and
+the best model are evaluated on the test split (clean and PGD-``test_pgd_steps``), the result
+tables are printed, then ``result.json`` is written. The robust-overfitting gap is
 ``best val PGD acc - last val PGD acc`` (Rice et al. 2020).
+
+Nothing is lost: the default run folder is claimed exclusively (runs started in the same second
+get ``-2``, ``-3``, ...); Ctrl-C raises :class:`~engm_opacus.training.interrupts.TrainingInterrupted` (a ``KeyboardInterrupt``)
+whose message names the last checkpoint and the exact resume command; a failed write raises
+:class:`~engm_opacus.training.logs.OutputError` naming the path and the errno, with the resume
+command as its hint, and the previous files intact.
 
 Resume (``resume=PATH``) restores model, optimizer (momentum buffers), scheduler, all
 RNG states and the data-order generator from a checkpoint, so a run interrupted after
@@ -22,7 +29,6 @@ not taken from the ENGM paper): see :class:`~engm_opacus.training.config.TrainCo
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,9 +47,11 @@ from engm_opacus.training.config import VARIANTS, TrainConfig, check_resume_comp
 from engm_opacus.training.data import limit, load_dataset, make_loader
 from engm_opacus.training.display import Display, epoch_table, result_table, run_title
 from engm_opacus.training.evaluation import evaluate
-from engm_opacus.training.logs import write_csv, write_json
+from engm_opacus.training.interrupts import SavedCheckpoint, TrainingInterrupted, resume_command
+from engm_opacus.training.logs import OutputError, claim_new_dir, write_csv, write_json
 from engm_opacus.training.models import build_model
 from engm_opacus.training.runtime import resolve_device, seed_everything, torch_threads
+from engm_opacus.training.step_diagnostics import StepDiagnostics
 from engm_opacus.wrap import make_engm
 
 
@@ -155,14 +163,17 @@ def _build_run(config: TrainConfig, device: torch.device) -> _Run:
     )
 
 
-def _resolve_out_dir(config: TrainConfig, resuming: bool) -> Path:
-    """``config.out_dir``, else the resumed checkpoint's folder, else a new timestamped folder; never an existing run unless allowed."""
+def _resolve_out_dir(config: TrainConfig, resuming: bool) -> Optional[Path]:
+    """``config.out_dir``, else the resumed checkpoint's folder; never an existing run unless allowed.
+
+    ``None``: the default folder, claimed with :func:`~engm_opacus.training.logs.claim_new_dir` once the run is built.
+    """
     if config.out_dir is not None:
         out_dir = Path(config.out_dir)
     elif config.resume is not None:
         out_dir = Path(config.resume).parent
     else:
-        out_dir = default_out_dir(config)
+        return None
     if not resuming and not config.overwrite and ((out_dir / "last.pt").exists() or (out_dir / "best.pt").exists()):
         raise FileExistsError(
             f"{out_dir} already holds a run (last.pt / best.pt). Fix: continue it with resume={str(out_dir / 'last.pt')!r} "
@@ -171,57 +182,15 @@ def _resolve_out_dir(config: TrainConfig, resuming: bool) -> Path:
     return out_dir
 
 
-class _StepDiagnostics:
-    """Epoch means of ``optimizer.last_step`` (:class:`~engm_opacus.optim.ENGMStepStats`) over the steps taken.
-
-    Recorded per non-skipped step: ``fraction_above_gamma``, the median of ``per_example_norms`` and
-    ``direction_norm``; for the input-norm variant also ``calibration_error`` (on calibration steps)
-    and the last ``scale``. Skipped steps (``on_nonfinite="skip"``) are counted.
-    """
-
-    def __init__(self) -> None:
-        self.values: Dict[str, List[float]] = {"fraction_above_gamma": [], "median_norm": [], "direction_norm": [], "calibration_error": []}
-        self.skipped = 0
-        self.scale: Optional[float] = None
-        self.seen = False
-
-    def add(self, optimizer: torch.optim.Optimizer) -> None:
-        """Read the optimizer's ``last_step`` (no-op for a plain ``torch.optim`` optimizer)."""
-        stats = getattr(optimizer, "last_step", None)
-        if stats is None:
-            return
-        self.seen = True
-        if stats.skipped:
-            self.skipped += 1
-            return
-        self.values["fraction_above_gamma"].append(stats.fraction_above_gamma)
-        self.values["median_norm"].append(float(stats.per_example_norms.median()))
-        self.values["direction_norm"].append(stats.direction_norm)
-        if stats.calibration_error is not None:
-            self.values["calibration_error"].append(stats.calibration_error)
-        if stats.scale is not None:
-            self.scale = stats.scale
-
-    def record(self) -> Dict[str, Any]:
-        """``engm_mean_<name>`` per recorded value, ``engm_skipped_steps``, and ``engm_scale`` when there is one."""
-        if not self.seen:
-            return {}
-        out: Dict[str, Any] = {f"engm_mean_{name}": statistics.fmean(v) for name, v in self.values.items() if v}
-        out["engm_skipped_steps"] = self.skipped
-        if self.scale is not None:
-            out["engm_scale"] = self.scale
-        return out
-
-
 def _train_epoch(run: _Run, device: torch.device, display: Display, description: str) -> Dict[str, Any]:
     """One pass over the training loader: AT steps, per-iteration schedule; returns the epoch's train metrics.
 
     Train clean accuracy is measured before each step on the same weights, in eval mode
-    (:func:`clean_correct`). ENGM diagnostics: :class:`_StepDiagnostics`.
+    (:func:`clean_correct`). ENGM diagnostics: :class:`~engm_opacus.training.step_diagnostics.StepDiagnostics`.
     """
     task = display.progress.add_task(description, total=len(run.train_loader), loss=0.0, clean=0.0, robust=0.0)
     totals = {"loss": 0.0, "clean": 0, "robust": 0, "n": 0}
-    diagnostics = _StepDiagnostics()
+    diagnostics = StepDiagnostics()
     lr = run.optimizer.param_groups[0]["lr"]
     run.trained_model.train()
     for x, y in run.train_loader:
@@ -250,6 +219,7 @@ def train(
     *,
     on_epoch_end: Optional[Callable[[Dict[str, Any]], None]] = None,
     console: Optional[Console] = None,
+    print_results: Optional[bool] = None,
 ) -> TrainResult:
     """Adversarially train a model as ``config`` says; see the module docstring.
 
@@ -257,6 +227,8 @@ def train(
         config: the run's :class:`~engm_opacus.training.config.TrainConfig`.
         on_epoch_end: called with each epoch's record after its checkpoint is written.
         console: rich console for progress and tables (default: stdout).
+        print_results: print the epoch and test-result tables (before ``result.json`` is
+            written); ``None``: when ``config.progress`` (the CLI passes ``True``).
 
     Returns:
         :class:`TrainResult`.
@@ -266,14 +238,17 @@ def train(
         CheckpointError: ``config.resume`` is not a readable engm-opacus checkpoint.
         FileNotFoundError: CIFAR files absent.
         FileExistsError: ``out_dir`` already holds a run and neither ``resume`` nor ``overwrite`` is set.
+        TrainingInterrupted: Ctrl-C (a ``KeyboardInterrupt``); names the last checkpoint and the resume command.
+        OutputError: a write failed (full disk, no permission, read-only); names the path and the errno;
+            the files written before are intact.
     """
     config.validate()
     with torch_threads(config.threads):
-        return _train(config, on_epoch_end, console)
+        return _train(config, on_epoch_end, console, config.progress if print_results is None else print_results)
 
 
 def _train(
-    config: TrainConfig, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]], console: Optional[Console]
+    config: TrainConfig, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]], console: Optional[Console], print_results: bool
 ) -> TrainResult:
     """:func:`train` after validation, with the thread count set."""
     started = time.perf_counter()
@@ -281,9 +256,34 @@ def _train(
     resumed = load_checkpoint(config.resume) if config.resume is not None else None
     if resumed is not None:
         check_resume_compatible(config, resumed["config"], str(config.resume))
-    out_dir = _resolve_out_dir(config, resuming=resumed is not None)
+    chosen_out_dir = _resolve_out_dir(config, resuming=resumed is not None)
     run = _build_run(config, device)
+    out_dir = chosen_out_dir if chosen_out_dir is not None else claim_new_dir(default_out_dir(config))
+    saved = SavedCheckpoint(Path(config.resume), int(resumed["epoch"])) if resumed is not None else SavedCheckpoint(None, 0)
+    try:
+        return _epochs_and_test(config, run, device, resumed, out_dir, saved, on_epoch_end, console, print_results, started)
+    except KeyboardInterrupt as error:
+        command = resume_command(saved.checkpoint, out_dir) if saved.checkpoint is not None else None
+        raise TrainingInterrupted(saved.checkpoint, saved.epoch, command) from error
+    except OutputError as error:
+        if saved.checkpoint is not None and not error.hint:
+            error.hint = f"after fixing it, resume from epoch {saved.epoch} with: {resume_command(saved.checkpoint, out_dir)}"
+        raise
 
+
+def _epochs_and_test(
+    config: TrainConfig,
+    run: _Run,
+    device: torch.device,
+    resumed: Optional[Dict[str, Any]],
+    out_dir: Path,
+    saved: SavedCheckpoint,
+    on_epoch_end: Optional[Callable[[Dict[str, Any]], None]],
+    console: Optional[Console],
+    print_results: bool,
+    started: float,
+) -> TrainResult:
+    """The epochs (from the resumed one; ``saved`` follows ``last.pt``), the test evaluation, the tables, then ``result.json``."""
     history: List[Dict[str, Any]] = []
     best_val, best_epoch, start_epoch = -1.0, 0, 0
     if resumed is not None:
@@ -325,9 +325,9 @@ def _train(
                 "history": history,
                 "config": asdict(config),
             }
-            save_checkpoint(state, out_dir / "last.pt")
             if improved:
                 save_checkpoint(state, out_dir / "best.pt")
+            saved.checkpoint, saved.epoch = save_checkpoint(state, out_dir / "last.pt"), epoch + 1
             write_history(history, out_dir)
             display.print(
                 f"epoch {epoch + 1}/{config.epochs}: train loss {record['train_loss']:.3f}, "
@@ -353,11 +353,12 @@ def _train(
         test_best={k: v for k, v in test_best.items() if v is not None},
         wall_time_s=time.perf_counter() - started,
     )
+    if print_results:  # before the write: a full disk must not cost the numbers
+        display.console.print(epoch_table(history))
+        display.console.print(result_table(config, len(history), best_epoch, result.test_last, result.test_best))
+        display.console.print(
+            f"Robust-overfitting gap (best - last val PGD acc): {result.robust_overfitting_gap:.2%}. "
+            f"Wall time {result.wall_time_s:.1f} s. Logs and checkpoints in {out_dir}"
+        )
     write_json(result.to_json(), out_dir / "result.json")
-    display.print(epoch_table(history))
-    display.print(result_table(config, len(history), best_epoch, result.test_last, result.test_best))
-    display.print(
-        f"Robust-overfitting gap (best - last val PGD acc): {result.robust_overfitting_gap:.2%}. "
-        f"Wall time {result.wall_time_s:.1f} s. Logs and checkpoints in {out_dir}"
-    )
     return result

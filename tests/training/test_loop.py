@@ -11,6 +11,7 @@ import torch
 
 from engm_opacus import TrainConfig, train
 from engm_opacus.training.checkpoints import CheckpointError, load_checkpoint, load_trained_model
+from engm_opacus.training.interrupts import TrainingInterrupted, resume_command
 from engm_opacus.training.loop import lr_factor
 
 TINY = dict(
@@ -174,3 +175,17 @@ def test_schedules() -> None:
     assert [piecewise(t) for t in (0, 999, 1000, 1499, 1500, 1999)] == [1.0, 1.0, 0.1, 0.1, 0.01, 0.01]
     cosine = lr_factor("cosine", epochs=4, steps_per_epoch=5)
     assert cosine(0) == 1.0 and cosine(10) == pytest.approx(0.5) and cosine(20) == pytest.approx(0.0)
+
+
+def test_ctrl_c_names_the_last_checkpoint_and_the_resume_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def interrupt(record: dict) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted) as info:
+        train(TrainConfig(epochs=2, out_dir=str(tmp_path), **TINY), on_epoch_end=interrupt)
+    error = info.value
+    assert isinstance(error, KeyboardInterrupt) and error.checkpoint == tmp_path / "last.pt" and error.epoch == 1
+    assert error.command == f"engm-opacus train --resume {tmp_path / 'last.pt'}" and error.command in str(error)
+    assert capsys.readouterr().out == ""  # progress=False and no print_results: silent
+    moved = tmp_path / "elsewhere"
+    assert resume_command(tmp_path / "last.pt", moved).endswith(f"--out-dir {moved}")
