@@ -121,6 +121,8 @@ def test_troubleshooting_table_lists_the_library_errors_with_their_fixes() -> No
     assert hook.MARKER in page
     rendered = hook.on_page_markdown(page, None, None, None)
     assert hook.MARKER not in rendered
+    mention = f"The line `{hook.MARKER}` is replaced."  # e.g. on the Writing docs page: left alone
+    assert hook.on_page_markdown(mention, None, None, None) == mention
     sites = hook.all_error_sites()
     assert rendered.count("<tr><td>") == len(sites)
     by_function = {(s.module, s.function): s for s in sites}
@@ -159,12 +161,30 @@ def test_rst_math_and_roles_become_markdown() -> None:
     rst_to_markdown = load_hook("rst_markdown").rst_to_markdown
     text = (
         "Weights.\n\n.. math::\n\n    w_i = \\frac{1}{\\max(n_i, \\gamma)} \\\\\n    d = w g\n\n"
-        "See :func:`engm_opacus.step.train_step` and :class:`~engm_opacus.optimizer.ENGMOptimizer`."
+        "See :func:`engm_opacus.step.train_step` and :class:`~engm_opacus.optimizer.ENGMOptimizer`; :math:`n_i \\le \\gamma`."
     )
     assert rst_to_markdown(text) == (
-        "Weights.\n\n```latex\nw_i = \\frac{1}{\\max(n_i, \\gamma)} \\\\\nd = w g\n```\n\n"
-        "See `engm_opacus.step.train_step` and `ENGMOptimizer`."
+        "Weights.\n\n$$\nw_i = \\frac{1}{\\max(n_i, \\gamma)} \\\\\nd = w g\n$$\n\n"
+        "See `engm_opacus.step.train_step` and `ENGMOptimizer`; $n_i \\le \\gamma$."
     )
+    indented = rst_to_markdown("1. step\n\n   .. math::\n\n       v = g\n\n   then\n2. next")
+    assert indented == "1. step\n\n    $$\n    v = g\n    $$\n\n    then\n\n2. next"  # Markdown's 4-column continuation
+
+
+def test_docstring_math_renders_as_katex_markup_inside_and_outside_lists() -> None:
+    """What the site's Markdown (pymdownx.arithmatex, generic) makes of converted docstrings: math markup, in the list item."""
+    markdown = pytest.importorskip("markdown")
+    pytest.importorskip("pymdownx")
+    rst_to_markdown = load_hook("rst_markdown").rst_to_markdown
+    text = (
+        "Steps:\n\n1. ascent\n2. perturbation\n\n   .. math::\n\n       v_W = \\gamma \\, \\|W\\|\n\n"
+        "   added to the weights;\n3. restore\n\nInline :math:`n_i \\le \\gamma`."
+    )
+    html = markdown.markdown(rst_to_markdown(text), extensions=["pymdownx.arithmatex"], extension_configs={"pymdownx.arithmatex": {"generic": True}})
+    assert '<div class="arithmatex">\\[\nv_W = \\gamma \\, \\|W\\|\n\\]</div>' in html  # the TeX untouched by Markdown escapes
+    assert html.index("<li>") < html.index('class="arithmatex"') < html.index("added to the weights") < html.index("restore") < html.index("</ol>")
+    assert "<li>\n<p>restore</p>\n</li>" in html  # its own item, not a line of the previous one
+    assert html.count("<ol>") == 1 and '<span class="arithmatex">\\(n_i \\le \\gamma\\)</span>' in html
 
 
 def undocumented_public_objects() -> set:

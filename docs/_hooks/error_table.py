@@ -1,7 +1,8 @@
 """MkDocs hook: render every error message the library can raise into the Troubleshooting page.
 
-The page ``troubleshooting.md`` contains the line ``<!-- error-table -->``; at build time it is
-replaced by one table row per exception constructed in ``engm_opacus/`` (``raise X("...")`` or
+The page ``troubleshooting.md`` contains the line ``<!-- error-table -->``; at build time that
+line (the marker alone on a line; a mention inside a sentence is left as it is) is replaced by
+one table row per exception constructed in ``engm_opacus/`` (``raise X("...")`` or
 ``return X("...")`` with ``X`` an exception class and a literal or f-string message). The
 message is split at ``"Fix:"`` into the problem and its fix, so the page is current with the
 code on every build and cannot drift.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import ast
 import builtins
 import html
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -148,8 +150,13 @@ def render_table(sites: List[ErrorSite]) -> str:
     )
 
 
+MARKER_LINE = re.compile(rf"^[ \t]*{re.escape(MARKER)}[ \t]*$", re.M)
+"""The marker alone on its line (a mention of it in the text, e.g. in a code span, is left alone)."""
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:  # noqa: ANN001 - MkDocs hook signature
-    """Replace the marker with the current table."""
-    if MARKER not in markdown:
+    """Replace the marker line with the current table."""
+    if not MARKER_LINE.search(markdown):
         return markdown
-    return markdown.replace(MARKER, render_table(all_error_sites()))
+    table = render_table(all_error_sites())
+    return MARKER_LINE.sub(lambda _: table, markdown)

@@ -26,6 +26,7 @@ import sys
 from fractions import Fraction
 from typing import List, Optional
 
+from engm_opacus.training.extras import MissingExtraError
 from engm_opacus.training.logs import OutputError
 
 COMMANDS: List[str] = [
@@ -36,7 +37,7 @@ COMMANDS: List[str] = [
 ]
 """Modules of the subcommands, in the order ``--help`` lists them."""
 
-BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError)
+BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError, MissingExtraError)
 WRITE_ERRNOS = frozenset(getattr(errno, name) for name in ("ENOSPC", "EACCES", "EROFS", "EDQUOT", "EPERM") if hasattr(errno, name))
 """errno values reported as one line (status 1) when an ``OSError`` with them reaches :func:`main`."""
 EXIT_WRITE_ERROR = 1

@@ -6,7 +6,9 @@ CNN, PGD-AT, ENGM on the embedded digits set). Every field of ``TrainConfig`` is
 checkpoint's config is the base and only the options given override it (so ``engm-opacus train
 --resume runs/X/last.pt`` continues run X as it was). The result tables are printed even with
 ``--no-progress``; Ctrl-C ends with one line naming the last checkpoint and the resume command
-(exit status 130).
+(exit status 130). Started by ``torchrun --nproc_per_node N -m engm_opacus train ...`` it trains
+data-parallel with the same options (``--batch-size`` is the global batch; rank 0 writes and
+prints): :mod:`engm_opacus.training.distributed`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ DESCRIPTION = (
     "Adversarially train a model. Without options: small CNN, PGD-AT (eps 8/255), ENGM, on the embedded digits set. "
     "Every TrainConfig field is a flag below and a key of a --config file (JSON or TOML); flags override the file. "
     "With --resume CHECKPOINT the checkpoint's settings are the base and only the options given override them. "
-    "Options in brackets apply to the AT methods / optimizers listed."
+    "Options in brackets apply to the AT methods / optimizers listed. "
+    "Under torchrun --nproc_per_node N -m engm_opacus train: data-parallel, --batch-size is the global batch."
 )
 
 

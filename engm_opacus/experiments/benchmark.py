@@ -8,7 +8,7 @@ same schedule (only the outer optimizer differs inside a comparison):
   ``make_engm(variant="input-norm")``; tables call them MSGD, ENGM, ENGM (input-norm)) x seeds.
   Per run: clean and PGD-20 accuracy of the last and the best checkpoint on the test split
   (from the training loop), AutoAttack accuracy of both on the first ``autoattack_examples``
-  test examples (``torchattacks``' AutoAttack "standard",
+  test examples (AutoAttack "standard" through ``pyautoattack``, the ``[eval]`` extra,
   :func:`engm_opacus.training.evaluation.evaluate`), the
   robust-overfitting gap ``PGD-20(best) - PGD-20(last)`` and the training time.
 * **sensitivity** (PGD-AT, MSGD vs exact ENGM): learning rate x ``lr_multipliers`` at the
@@ -58,6 +58,7 @@ from engm_opacus.at.losses import at_method_names
 from engm_opacus.experiments.benchmark_report import budget_text, report
 from engm_opacus.training.checkpoints import load_trained_model
 from engm_opacus.training.config import DEFAULT_LR, RESUMABLE_CHANGES, TrainConfig
+from engm_opacus.training.extras import require
 from engm_opacus.training.data import limit, load_dataset, make_loader
 from engm_opacus.training.evaluation import evaluate
 from engm_opacus.training.logs import write_json
@@ -301,6 +302,9 @@ def run_all(bench: BenchConfig, console: Optional[Console] = None) -> List[Dict[
 def run_benchmark(bench: BenchConfig, console: Optional[Console] = None) -> Dict[str, Any]:
     """Validate, run every run (reusing finished ones), report; return :func:`~engm_opacus.experiments.benchmark_report.report`'s dict plus ``rows``."""
     bench.validate()
+    require("matplotlib", "The benchmark's plots")  # missing extras fail here, before any run
+    if bench.autoattack_examples:
+        require("pyautoattack", "The benchmark's AutoAttack evaluation")
     if console is None:
         console = Console()
         if not console.is_terminal:

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from engm_opacus.training.config import DEFAULT_LR, OPTIMIZER_LABELS
+from engm_opacus.training.extras import require
 from engm_opacus.training.logs import atomic_write_text, write_csv
 
 if TYPE_CHECKING:
@@ -131,16 +132,17 @@ def rich_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]])
     return table
 
 
+def new_figure(**kwargs: Any) -> Any:
+    """A ``matplotlib.figure.Figure`` (object API, no pyplot state); matplotlib is the ``[plots]`` extra, imported here."""
+    return require("matplotlib.figure", "The benchmark's plots").Figure(**kwargs)
+
+
 def plot_robust_over_epochs(rows: Sequence[Dict[str, Any]], path: Path) -> None:
     """Validation PGD accuracy per epoch (mean over seeds, band = +- std), one panel per AT method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     main = [r for r in rows if r["part"] == "main"]
     methods = list(dict.fromkeys(r["method"] for r in main))
-    figure, axes = plt.subplots(1, len(methods), figsize=(4 * len(methods), 3.2), squeeze=False)
+    figure = new_figure(figsize=(4 * len(methods), 3.2))
+    axes = figure.subplots(1, len(methods), squeeze=False)
     for axis, method in zip(axes[0], methods):
         for optimizer in dict.fromkeys(r["optimizer"] for r in main):
             curves = np.array([r["val_pgd_history"] for r in main if r["method"] == method and r["optimizer"] == optimizer])
@@ -154,21 +156,16 @@ def plot_robust_over_epochs(rows: Sequence[Dict[str, Any]], path: Path) -> None:
         axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 def plot_sweeps(summary: Sequence[Dict[str, Any]], path: Path) -> bool:
     """Final PGD-20 (last) vs the lr, weight-decay and gamma factors (error bars = std over seeds); ``False`` if no sweep ran."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = {"sensitivity-lr": "lr / optimizer's default lr", "sensitivity-wd": "weight decay / default", "gamma": "gamma / default gamma"}
     panels = [p for p in labels if any(r["part"] == p for r in summary)]
     if not panels:
         return False
-    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    figure = new_figure(figsize=(4 * len(panels), 3.2))
+    axes = figure.subplots(1, len(panels), squeeze=False)
     for axis, part in zip(axes[0], panels):
         factors: set = set()
         for optimizer in dict.fromkeys(r["optimizer"] for r in summary if r["part"] == part):
@@ -185,7 +182,6 @@ def plot_sweeps(summary: Sequence[Dict[str, Any]], path: Path) -> bool:
         axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
     return True
 
 
@@ -193,7 +189,7 @@ def budget_text(bench: BenchConfig) -> str:
     """One paragraph stating the budget the numbers were measured with."""
     b = bench.base
     aa = (
-        f"AutoAttack (torchattacks 'standard') on the first {bench.autoattack_examples} test examples"
+        f"AutoAttack (pyautoattack 'standard') on the first {bench.autoattack_examples} test examples"
         + (f" for the first {bench.autoattack_seeds} seed(s) only" if bench.autoattack_seeds else "")
         if bench.autoattack_examples
         else "AutoAttack off"

@@ -41,6 +41,7 @@ from engm_opacus.at.attacks import pgd_linf, validate_threat_model
 from engm_opacus.experiments.diagnostics_report import plot_all
 from engm_opacus.functional import validate_gamma
 from engm_opacus.training.data import load_digits_splits, make_loader
+from engm_opacus.training.extras import require
 from engm_opacus.training.logs import write_csv
 from engm_opacus.training.models import small_cnn
 from engm_opacus.wrap import make_engm
@@ -269,6 +270,7 @@ def train_epoch(
 
 def run_diagnostics(out_dir: Path | str, config: DiagnosticsConfig = DiagnosticsConfig()) -> DiagnosticsResult:
     """Train NT and PGD-AT side by side on digits, measure, and write CSV files and PNG plots to ``out_dir``."""
+    require("matplotlib", "The diagnostics plots")  # fails before the training, not after it
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     splits = load_digits_splits()

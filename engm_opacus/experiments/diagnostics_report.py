@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, List
+from typing import TYPE_CHECKING, Any, List
 
-from matplotlib.figure import Figure
 from rich.table import Table
+
+from engm_opacus.training.extras import require
 
 if TYPE_CHECKING:
     from engm_opacus.experiments.diagnostics import DiagnosticsConfig, DiagnosticsResult
 
 
 def plot_all(out: Path, result: DiagnosticsResult, config: DiagnosticsConfig) -> List[Path]:
-    """Write the three PNG plots (matplotlib's object API, Agg canvas; no pyplot state); return their paths."""
+    """Write the three PNG plots (matplotlib's object API, Agg canvas; no pyplot state); return their paths.
+
+    Raises:
+        MissingExtraError: matplotlib is not installed (``pip install 'engm-opacus[plots]'``).
+    """
+    Figure = require("matplotlib.figure", "The diagnostics plots").Figure  # noqa: N806 - the class
     regimes = list(dict.fromkeys(str(row["regime"]) for row in result.rows))
     series = {regime: [row for row in result.rows if row["regime"] == regime] for regime in regimes}
 
@@ -66,7 +72,7 @@ def plot_all(out: Path, result: DiagnosticsResult, config: DiagnosticsConfig) ->
     return paths
 
 
-def save(fig: Figure, path: Path) -> Path:
+def save(fig: Any, path: Path) -> Path:
     """Save ``fig`` as PNG at ``path``; return ``path``."""
     fig.savefig(path, dpi=100)
     return path

@@ -11,6 +11,7 @@ from typing import Any, Dict, Optional, Tuple
 from engm_opacus.at.attacks import validate_threat_model
 from engm_opacus.at.losses import at_method_names
 from engm_opacus.functional import validate_gamma
+from engm_opacus.training.amp import AMP_MODES
 from engm_opacus.training.data import DATASETS
 from engm_opacus.training.models import MODELS, NORMS
 from engm_opacus.training.options import check_options
@@ -50,6 +51,7 @@ def field_choices() -> Dict[str, Tuple[str, ...]]:
         "optimizer": OPTIMIZERS,
         "schedule": SCHEDULES,
         "device": DEVICES,
+        "amp": AMP_MODES,
     }
 
 
@@ -99,7 +101,11 @@ class TrainConfig:
         schedule: ``piecewise`` (factor 1, 0.1, 0.01 from 0%, 50%, 75% of the epochs: 100/150 of 200)
             or ``cosine`` (``0.5 (1 + cos(pi t / T))``); both stepped every iteration.
         epochs, batch_size, seed: the usual; ``seed`` seeds init, data order and attacks.
-        device: ``auto`` (CUDA if available) | ``cpu`` | ``cuda``.
+            Under ``torchrun`` ``batch_size`` is the global batch (``batch_size / N`` per process,
+            see :mod:`engm_opacus.training.distributed`).
+        device: ``auto`` (CUDA if available) | ``cpu`` | ``cuda`` (under ``torchrun``: ``LOCAL_RANK``'s GPU).
+        amp: mixed precision of the training step: ``off``, ``bf16`` (``torch.autocast``) or
+            ``fp16`` (``torch.autocast`` and a ``torch.amp.GradScaler``): :mod:`engm_opacus.training.amp`.
         threads: CPU threads of torch's intra-op parallelism during the run
             (``torch.set_num_threads``, restored afterwards); ``None`` keeps torch's setting. The
             default 1 suits the small default model: 2 epochs of the default digits run took
@@ -138,9 +144,10 @@ class TrainConfig:
     nesterov: bool = _field(False, "Nesterov momentum", OPTIMIZER)
     schedule: str = _field("piecewise", "LR schedule (piecewise: /10 at 50% and 75% of the epochs)", OPTIMIZER)
     epochs: int = _field(10, "training epochs", OPTIMIZER)
-    batch_size: int = _field(32, "mini-batch size", OPTIMIZER)
+    batch_size: int = _field(32, "mini-batch size (under torchrun: the global batch, split evenly over the processes)", OPTIMIZER)
     seed: int = _field(0, "seed of initialization, data order and attacks", RUN)
-    device: str = _field("auto", "device", RUN)
+    device: str = _field("auto", "device (under torchrun, cuda is LOCAL_RANK's GPU)", RUN)
+    amp: str = _field("off", "mixed precision of the training step: bf16 (autocast) or fp16 (autocast and a GradScaler)", RUN)
     threads: Optional[int] = _field(1, "CPU threads for torch (none: torch's setting; 1 is fastest for the small default model)", RUN)
     eps: float = _field(8 / 255, "L-infinity radius in [0, 1]; fractions such as 8/255 are accepted", ATTACK)
     step_size: float = _field(2 / 255, "PGD step in [0, 1]", ATTACK)
@@ -199,10 +206,12 @@ def config_from_payload(payload: Dict[str, Any]) -> TrainConfig:
 def check_resume_compatible(config: TrainConfig, saved: Dict[str, Any], path: str) -> None:
     """Raise ``ValueError`` if ``config`` differs from the checkpoint's config outside :data:`RESUMABLE_CHANGES`."""
     current = asdict(config)
+    defaults = asdict(TrainConfig())  # a field newer than the checkpoint was trained with its default
+    recorded = {name: saved.get(name, defaults[name]) for name in current}
     differences = [
-        f"{name}: checkpoint {saved.get(name)!r}, now {current[name]!r}"
+        f"{name}: checkpoint {recorded[name]!r}, now {current[name]!r}"
         for name in current
-        if name not in RESUMABLE_CHANGES and saved.get(name) != current[name]
+        if name not in RESUMABLE_CHANGES and recorded[name] != current[name]
     ]
     if differences:
         raise ValueError(

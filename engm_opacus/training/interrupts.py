@@ -34,9 +34,13 @@ class TrainingInterrupted(KeyboardInterrupt):
         super().__init__(message)
 
 
-def resume_command(checkpoint: Path, out_dir: Path) -> str:
-    """``engm-opacus train --resume CHECKPOINT`` (with ``--out-dir`` when the run writes elsewhere)."""
-    words = ["engm-opacus", "train", "--resume", str(checkpoint)]
+def resume_command(checkpoint: Path, out_dir: Path, nproc: int = 1) -> str:
+    """``engm-opacus train --resume CHECKPOINT`` (with ``--out-dir`` when the run writes elsewhere).
+
+    ``nproc > 1`` (a ``torchrun`` job): ``torchrun --nproc_per_node NPROC -m engm_opacus train --resume ...``.
+    """
+    launcher = ["torchrun", "--nproc_per_node", str(nproc), "-m", "engm_opacus"] if nproc > 1 else ["engm-opacus"]
+    words = [*launcher, "train", "--resume", str(checkpoint)]
     if Path(checkpoint).parent != out_dir:
         words += ["--out-dir", str(out_dir)]
     return shlex.join(words)

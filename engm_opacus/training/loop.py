@@ -22,13 +22,17 @@ epoch ``k`` and resumed ends bit-identical on CPU (same thread count) to an unin
 one. Checkpoints are written at epoch ends only: a run killed in the middle of epoch
 ``k + 1`` resumes from ``last.pt`` of epoch ``k`` and redoes that epoch identically.
 
+Under ``torchrun --nproc_per_node N`` the run is data-parallel (:mod:`engm_opacus.training.distributed`):
+every rank trains its share of each global batch, the train metrics and the validation / test
+counts are summed over the ranks, and only rank 0 writes files and prints; a checkpoint holds
+every rank's RNG state. ``config.amp`` selects mixed precision (:mod:`engm_opacus.training.amp`).
+
 The defaults are this library's choice for the embedded digits set on a CPU (they are
 not taken from the ENGM paper): see :class:`~engm_opacus.training.config.TrainConfig`.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,19 +44,22 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from engm_opacus.at.attacks import attack_mode
-from engm_opacus.at.losses import get_at_loss
-from engm_opacus.at.step import count_correct, train_step
+from engm_opacus.at.step import autocast_context, count_correct, train_step
+from engm_opacus.training.build import Run, build_run, lr_factor
 from engm_opacus.training.checkpoints import capture_rng_state, load_checkpoint, restore_model, restore_rng_state, save_checkpoint
-from engm_opacus.training.config import VARIANTS, TrainConfig, check_resume_compatible, default_out_dir, format_eps
-from engm_opacus.training.data import limit, load_dataset, make_loader
+from engm_opacus.training.config import TrainConfig, check_resume_compatible, default_out_dir, format_eps
 from engm_opacus.training.display import Display, epoch_table, result_table, run_title
+from engm_opacus.training.distributed import (
+    Distributed, broadcast_object, broadcast_state, check_replicas, gather_objects, nproc_per_node, rank_seed, setup,
+    sum_over_ranks, teardown,
+)
 from engm_opacus.training.evaluation import evaluate
 from engm_opacus.training.interrupts import SavedCheckpoint, TrainingInterrupted, resume_command
 from engm_opacus.training.logs import OutputError, claim_new_dir, write_csv, write_json
-from engm_opacus.training.models import build_model
-from engm_opacus.training.runtime import resolve_device, seed_everything, torch_threads
+from engm_opacus.training.runtime import seed_everything, torch_threads
 from engm_opacus.training.step_diagnostics import StepDiagnostics
-from engm_opacus.wrap import make_engm
+
+__all__ = ["TrainResult", "clean_correct", "lr_factor", "train", "write_history"]
 
 
 @dataclass
@@ -68,6 +75,7 @@ class TrainResult:
         robust_overfitting_gap: ``best_val_pgd_acc - last_val_pgd_acc``.
         test_last, test_best: ``{"clean_acc", "pgd_acc", ...}`` of the last / best model on the test split.
         wall_time_s: seconds spent in this call.
+        world_size: processes that trained (``torchrun --nproc_per_node``; 1 without it).
     """
 
     config: TrainConfig
@@ -80,30 +88,13 @@ class TrainResult:
     test_last: Dict[str, Any]
     test_best: Dict[str, Any]
     wall_time_s: float
+    world_size: int = 1
 
     def to_json(self) -> Dict[str, Any]:
         """A JSON-serializable dict."""
         data = asdict(self)
         data["out_dir"] = str(self.out_dir)
         return data
-
-
-def lr_factor(schedule: str, epochs: int, steps_per_epoch: int) -> Callable[[int], float]:
-    """Multiplier of the base LR after ``t`` iterations (for ``torch.optim.lr_scheduler.LambdaLR``).
-
-    ``piecewise``: 1 before 50% of the epochs, 0.1 before 75%, then 0.01.
-    ``cosine``: ``0.5 (1 + cos(pi t / (epochs * steps_per_epoch)))``.
-    """
-    total = epochs * steps_per_epoch
-
-    def piecewise(t: int) -> float:
-        epoch = t / steps_per_epoch
-        return 1.0 if epoch < 0.5 * epochs else 0.1 if epoch < 0.75 * epochs else 0.01
-
-    def cosine(t: int) -> float:
-        return 0.5 * (1.0 + math.cos(math.pi * min(t, total) / total))
-
-    return piecewise if schedule == "piecewise" else cosine
 
 
 def write_history(history: List[Dict[str, Any]], out_dir: Path) -> None:
@@ -116,51 +107,6 @@ def clean_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     """Correct clean predictions in eval mode and without gradients (records nothing, BatchNorm statistics untouched)."""
     with torch.no_grad(), attack_mode(model, eval_mode=True):
         return count_correct(model(x), y)
-
-
-@dataclass
-class _Run:
-    """The objects one run trains with; ``trained_model`` is ``model`` or its ENGM wrapper."""
-
-    model: nn.Module
-    trained_model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    at_loss: Any
-    generator: torch.Generator
-    train_loader: DataLoader
-    val_loader: DataLoader
-    test_loader: DataLoader
-
-
-def _build_run(config: TrainConfig, device: torch.device) -> _Run:
-    """Seed, load data, build the model, the (ENGM-wrapped) SGD, the schedule and the AT loss."""
-    seed_everything(config.seed)
-    splits = load_dataset(config.dataset, config.data_dir, split_seed=0)
-    model = build_model(
-        config.model, num_classes=splits.num_classes, in_channels=splits.in_channels, norm=config.norm, width=config.width
-    ).to(device)
-    sgd = torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=config.nesterov
-    )
-    trained_model: nn.Module = model
-    optimizer: torch.optim.Optimizer = sgd
-    if config.uses_engm:
-        trained_model, optimizer = make_engm(
-            model, sgd, gamma=config.gamma, variant=VARIANTS[config.optimizer], **config.engm_options
-        )
-    at_loss = get_at_loss(
-        config.at_method, eps=config.eps, step_size=config.step_size, steps=config.pgd_steps,
-        attack_eval_mode=config.attack_eval_mode, **config.at_options,
-    )
-    generator = torch.Generator().manual_seed(config.seed)
-    train_loader = make_loader(limit(splits.train, config.max_train_examples), config.batch_size, shuffle=True, generator=generator)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.schedule, config.epochs, len(train_loader)))
-    return _Run(
-        model, trained_model, optimizer, scheduler, at_loss, generator, train_loader,
-        make_loader(limit(splits.val, config.max_val_examples), config.batch_size, shuffle=False),
-        make_loader(limit(splits.test, config.max_test_examples), config.batch_size, shuffle=False),
-    )
 
 
 def _resolve_out_dir(config: TrainConfig, resuming: bool) -> Optional[Path]:
@@ -182,36 +128,70 @@ def _resolve_out_dir(config: TrainConfig, resuming: bool) -> Optional[Path]:
     return out_dir
 
 
-def _train_epoch(run: _Run, device: torch.device, display: Display, description: str) -> Dict[str, Any]:
+def _train_epoch(run: Run, device: torch.device, display: Display, description: str) -> Dict[str, Any]:
     """One pass over the training loader: AT steps, per-iteration schedule; returns the epoch's train metrics.
 
     Train clean accuracy is measured before each step on the same weights, in eval mode
-    (:func:`clean_correct`). ENGM diagnostics: :class:`~engm_opacus.training.step_diagnostics.StepDiagnostics`.
+    (:func:`clean_correct`). Under ``torchrun`` the sums behind the train metrics are summed over
+    the ranks (the progress bar shows rank 0's). ENGM diagnostics
+    (:class:`~engm_opacus.training.step_diagnostics.StepDiagnostics`) are rank 0's examples.
     """
     task = display.progress.add_task(description, total=len(run.train_loader), loss=0.0, clean=0.0, robust=0.0)
     totals = {"loss": 0.0, "clean": 0, "robust": 0, "n": 0}
     diagnostics = StepDiagnostics()
+    amp_skipped = 0
     lr = run.optimizer.param_groups[0]["lr"]
     run.trained_model.train()
     for x, y in run.train_loader:
         x, y = x.to(device), y.to(device)
-        clean = clean_correct(run.model, x, y)
-        metrics = train_step(run.trained_model, run.optimizer, run.at_loss, x, y)
+        with autocast_context(device.type, run.autocast_dtype):
+            clean = clean_correct(run.model, x, y)
+        metrics = train_step(run.trained_model, run.optimizer, run.at_loss, x, y, autocast_dtype=run.autocast_dtype, scaler=run.scaler)
         run.scheduler.step()
         totals["loss"] += metrics.loss * metrics.batch_size
         totals["clean"] += clean
         totals["robust"] += metrics.robust_correct
         totals["n"] += metrics.batch_size
+        amp_skipped += metrics.skipped
         diagnostics.add(run.optimizer)
         n = totals["n"]
         display.progress.update(task, advance=1, loss=totals["loss"] / n, clean=totals["clean"] / n, robust=totals["robust"] / n)
-    return {
-        "lr": lr,
-        "train_loss": totals["loss"] / totals["n"],
-        "train_clean_acc": totals["clean"] / totals["n"],
-        "train_robust_acc": totals["robust"] / totals["n"],
-        **diagnostics.record(),
-    }
+    loss, clean_total, robust, n = sum_over_ranks([totals["loss"], totals["clean"], totals["robust"], totals["n"]], run.dist)
+    record = {"lr": lr, "train_loss": loss / n, "train_clean_acc": clean_total / n, "train_robust_acc": robust / n}
+    if run.scaler is not None:
+        record.update(amp_skipped_steps=amp_skipped, amp_scale=run.scaler.get_scale())
+    return {**record, **diagnostics.record()}
+
+
+def _evaluate(run: Run, loader: DataLoader, options: Dict[str, Any], *, sync_parameters: bool = False) -> Dict[str, Any]:
+    """Clean and PGD accuracy of ``run.model`` on ``loader``; under ``torchrun`` each rank's shard, counts summed.
+
+    Every rank first takes rank 0's buffers (BatchNorm statistics) and, with ``sync_parameters``,
+    its parameters (after rank 0 loaded ``best.pt``), so all ranks evaluate the model rank 0 saved.
+    """
+    if not run.dist.enabled:
+        return evaluate(run.model, loader, **options)
+    broadcast_state(run.model, run.dist, parameters=sync_parameters)
+    n = len(loader.dataset)  # type: ignore[arg-type]
+    local = evaluate(run.model, loader, **options) if n else {"clean_acc": 0.0, "pgd_acc": 0.0}
+    clean, robust, total = sum_over_ranks([round(local["clean_acc"] * n), round(local["pgd_acc"] * n), n], run.dist)
+    return {"clean_acc": clean / total, "pgd_acc": robust / total, "autoattack_acc": None, "n_examples": int(total)}
+
+
+def _restore(run: Run, resumed: Dict[str, Any], config: TrainConfig) -> None:
+    """Model, optimizer, scheduler, GradScaler and this rank's RNG states from a loaded checkpoint (on every rank)."""
+    restore_model(run.model, resumed, str(config.resume))
+    run.optimizer.load_state_dict(resumed["optimizer"])
+    run.scheduler.load_state_dict(resumed["scheduler"])
+    if run.scaler is not None and resumed.get("scaler"):
+        run.scaler.load_state_dict(resumed["scaler"])
+    ranks = resumed.get("rng_ranks") or []
+    if len(ranks) == run.dist.world_size:
+        restore_rng_state(ranks[run.dist.rank], run.generator)
+    else:  # another number of processes than the checkpoint's: rank 0's state, fresh seeds elsewhere
+        restore_rng_state(resumed["rng"], run.generator)
+        if run.dist.rank > 0:
+            seed_everything(rank_seed(config.seed + int(resumed["epoch"]), run.dist.rank))
 
 
 def train(
@@ -241,6 +221,7 @@ def train(
         TrainingInterrupted: Ctrl-C (a ``KeyboardInterrupt``); names the last checkpoint and the resume command.
         OutputError: a write failed (full disk, no permission, read-only); names the path and the errno;
             the files written before are intact.
+        RuntimeError: under ``torchrun``, the processes' parameters differ after an epoch (a bug to report).
     """
     config.validate()
     with torch_threads(config.threads):
@@ -250,30 +231,49 @@ def train(
 def _train(
     config: TrainConfig, on_epoch_end: Optional[Callable[[Dict[str, Any]], None]], console: Optional[Console], print_results: bool
 ) -> TrainResult:
-    """:func:`train` after validation, with the thread count set."""
+    """:func:`train` after validation, with the thread count set: join the ``torchrun`` job (if any), train, leave it."""
     started = time.perf_counter()
-    device = resolve_device(config.device)
+    state, device = setup(config.device)
+    try:
+        return _train_in_job(config, state, device, on_epoch_end, console, print_results, started)
+    finally:
+        teardown(state)
+
+
+def _train_in_job(
+    config: TrainConfig,
+    state: Distributed,
+    device: torch.device,
+    on_epoch_end: Optional[Callable[[Dict[str, Any]], None]],
+    console: Optional[Console],
+    print_results: bool,
+    started: float,
+) -> TrainResult:
+    """Load the resumed checkpoint (every rank), build the run, claim the folder (rank 0), train; name the resume command on errors."""
     resumed = load_checkpoint(config.resume) if config.resume is not None else None
     if resumed is not None:
         check_resume_compatible(config, resumed["config"], str(config.resume))
     chosen_out_dir = _resolve_out_dir(config, resuming=resumed is not None)
-    run = _build_run(config, device)
-    out_dir = chosen_out_dir if chosen_out_dir is not None else claim_new_dir(default_out_dir(config))
+    run = build_run(config, device, state)
+    out_dir = chosen_out_dir
+    if out_dir is None:
+        out_dir = broadcast_object(claim_new_dir(default_out_dir(config)) if state.is_main else None, state)
     saved = SavedCheckpoint(Path(config.resume), int(resumed["epoch"])) if resumed is not None else SavedCheckpoint(None, 0)
+    nproc = nproc_per_node(state)
     try:
-        return _epochs_and_test(config, run, device, resumed, out_dir, saved, on_epoch_end, console, print_results, started)
+        return _epochs_and_test(config, run, device, resumed, out_dir, saved, on_epoch_end, console, print_results and state.is_main, started)
     except KeyboardInterrupt as error:
-        command = resume_command(saved.checkpoint, out_dir) if saved.checkpoint is not None else None
+        command = resume_command(saved.checkpoint, out_dir, nproc) if saved.checkpoint is not None else None
         raise TrainingInterrupted(saved.checkpoint, saved.epoch, command) from error
     except OutputError as error:
         if saved.checkpoint is not None and not error.hint:
-            error.hint = f"after fixing it, resume from epoch {saved.epoch} with: {resume_command(saved.checkpoint, out_dir)}"
+            error.hint = f"after fixing it, resume from epoch {saved.epoch} with: {resume_command(saved.checkpoint, out_dir, nproc)}"
         raise
 
 
 def _epochs_and_test(
     config: TrainConfig,
-    run: _Run,
+    run: Run,
     device: torch.device,
     resumed: Optional[Dict[str, Any]],
     out_dir: Path,
@@ -283,52 +283,67 @@ def _epochs_and_test(
     print_results: bool,
     started: float,
 ) -> TrainResult:
-    """The epochs (from the resumed one; ``saved`` follows ``last.pt``), the test evaluation, the tables, then ``result.json``."""
+    """The epochs (from the resumed one; ``saved`` follows ``last.pt``), the test evaluation, the tables, then ``result.json``.
+
+    Only rank 0 writes and prints; every rank takes part in the evaluations and returns the same result.
+    """
     history: List[Dict[str, Any]] = []
     best_val, best_epoch, start_epoch = -1.0, 0, 0
     if resumed is not None:
-        restore_model(run.model, resumed, str(config.resume))
-        run.optimizer.load_state_dict(resumed["optimizer"])
-        run.scheduler.load_state_dict(resumed["scheduler"])
-        restore_rng_state(resumed["rng"], run.generator)
+        _restore(run, resumed, config)
         history = list(resumed["history"])
         best_val, best_epoch, start_epoch = resumed["best_val_pgd_acc"], resumed["best_epoch"], resumed["epoch"]
 
-    display = Display(config.progress, console)
+    main = run.dist.is_main
+    display = Display(config.progress and main, console)
+    world = run.dist.world_size
+    processes = f" on {world} processes (batch {config.batch_size} = {world} x {config.batch_size // world})" if world > 1 else ""
     display.print(
         f"Training {config.model} on {config.dataset} with {run_title(config)}, "
-        f"eps {format_eps(config.eps)}, {config.epochs} epochs, device {device} -> {out_dir}"
+        f"eps {format_eps(config.eps)}, {config.epochs} epochs, device {device}{processes}"
+        + (f", amp {config.amp}" if config.amp != "off" else "") + f" -> {out_dir}"
         + (f" (resuming after epoch {start_epoch})" if resumed is not None else "")
     )
     val_options = dict(eps=config.eps, step_size=config.step_size, pgd_steps=config.val_pgd_steps, autoattack=False, device=device)
     with display.progress:
         for epoch in range(start_epoch, config.epochs):
             epoch_start = time.perf_counter()
+            run.set_epoch(epoch)
             record: Dict[str, Any] = {"epoch": epoch + 1}
             record.update(_train_epoch(run, device, display, f"epoch {epoch + 1}/{config.epochs}"))
             record["train_time_s"] = time.perf_counter() - epoch_start
-            val = evaluate(run.model, run.val_loader, **val_options)
+            if run.dist.enabled:
+                check_replicas(run.model, run.dist, epoch + 1)
+            val = _evaluate(run, run.val_loader, val_options)
             record.update(val_clean_acc=float(val["clean_acc"]), val_pgd_acc=float(val["pgd_acc"]))
             record["time_s"] = time.perf_counter() - epoch_start
             history.append(record)
             improved = record["val_pgd_acc"] > best_val
             if improved:
                 best_val, best_epoch = record["val_pgd_acc"], epoch + 1
+            rng_ranks = gather_objects(capture_rng_state(run.generator), run.dist)
             state = {
                 "epoch": epoch + 1,
                 "model": run.model.state_dict(),
                 "optimizer": run.optimizer.state_dict(),
                 "scheduler": run.scheduler.state_dict(),
-                "rng": capture_rng_state(run.generator),
+                "rng": rng_ranks[0],
                 "best_val_pgd_acc": best_val,
                 "best_epoch": best_epoch,
                 "history": history,
                 "config": asdict(config),
+                "world_size": run.dist.world_size,
             }
-            if improved:
-                save_checkpoint(state, out_dir / "best.pt")
-            saved.checkpoint, saved.epoch = save_checkpoint(state, out_dir / "last.pt"), epoch + 1
-            write_history(history, out_dir)
+            if run.scaler is not None:
+                state["scaler"] = run.scaler.state_dict()
+            if run.dist.enabled:
+                state["rng_ranks"] = rng_ranks
+            if main:
+                if improved:
+                    save_checkpoint(state, out_dir / "best.pt")
+                save_checkpoint(state, out_dir / "last.pt")
+                write_history(history, out_dir)
+            saved.checkpoint, saved.epoch = out_dir / "last.pt", epoch + 1
             display.print(
                 f"epoch {epoch + 1}/{config.epochs}: train loss {record['train_loss']:.3f}, "
                 f"val clean {record['val_clean_acc']:.1%}, val PGD-{config.val_pgd_steps} {record['val_pgd_acc']:.1%}"
@@ -337,10 +352,11 @@ def _epochs_and_test(
                 on_epoch_end(record)
 
     test_options = dict(val_options, pgd_steps=config.test_pgd_steps)
-    test_last = evaluate(run.model, run.test_loader, **test_options)
-    best_path = out_dir / "best.pt"
-    restore_model(run.model, load_checkpoint(best_path, map_location=device), best_path)
-    test_best = evaluate(run.model, run.test_loader, **test_options)
+    test_last = _evaluate(run, run.test_loader, test_options)
+    if main:
+        best_path = out_dir / "best.pt"
+        restore_model(run.model, load_checkpoint(best_path, map_location=device), best_path)
+    test_best = _evaluate(run, run.test_loader, test_options, sync_parameters=True)
     result = TrainResult(
         config=config,
         out_dir=out_dir,
@@ -352,6 +368,7 @@ def _epochs_and_test(
         test_last={k: v for k, v in test_last.items() if v is not None},
         test_best={k: v for k, v in test_best.items() if v is not None},
         wall_time_s=time.perf_counter() - started,
+        world_size=run.dist.world_size,
     )
     if print_results:  # before the write: a full disk must not cost the numbers
         display.console.print(epoch_table(history))
@@ -360,5 +377,6 @@ def _epochs_and_test(
             f"Robust-overfitting gap (best - last val PGD acc): {result.robust_overfitting_gap:.2%}. "
             f"Wall time {result.wall_time_s:.1f} s. Logs and checkpoints in {out_dir}"
         )
-    write_json(result.to_json(), out_dir / "result.json")
+    if main:
+        write_json(result.to_json(), out_dir / "result.json")
     return result

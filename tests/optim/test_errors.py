@@ -181,3 +181,10 @@ def test_step_after_unwrapping_is_refused() -> None:
     F.cross_entropy(plain(x), y).backward()
     with pytest.raises(RuntimeError, match="hooks are off.*plain torch optimizer"):
         optimizer.step()
+
+
+@pytest.mark.parametrize("layer", [nn.EmbeddingBag(5, 3, mode="mean")])
+def test_opacus_layers_whose_examples_are_not_rows_are_refused(layer: nn.Module) -> None:
+    model = nn.Sequential(layer, nn.Linear(3, 2))
+    with pytest.raises(ValueError, match=r"(?s)0 \(EmbeddingBag\)"):
+        make_engm(model, torch.optim.SGD(model.parameters(), lr=0.1), gamma=1.0)

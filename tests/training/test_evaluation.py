@@ -1,15 +1,17 @@
-"""evaluate: clean/PGD/AutoAttack accuracy against the analytic robust accuracy of a linear model; state left intact."""
+"""evaluate: clean/PGD/AutoAttack (pyautoattack) accuracy against the analytic robust accuracy of a linear model; state left intact."""
 
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
 from torch import nn
 
 from engm_opacus import make_engm
-from engm_opacus.training.evaluation import evaluate, run_autoattack
+from engm_opacus.training.evaluation import autoattack_settings, evaluate, make_autoattack, run_autoattack
+from engm_opacus.training.extras import MissingExtraError
 from tests.helpers.nets import groupnorm_cnn, images
 
 EPS = 0.05
@@ -140,3 +142,82 @@ def test_bad_arguments_name_the_fix(kwargs: dict, loader: object, match: str) ->
         loader = [(x, y)]
     with pytest.raises(ValueError, match=match):
         evaluate(model, [(x, y)] if loader is None else loader, **kwargs)
+
+
+STANDARD = {
+    "version": "standard", "attacks": ["apgd-ce", "apgd-t", "fab-t", "square"], "norm": "Linf",
+    "apgd_iterations": 100, "apgd_restarts": 1, "apgd_t_iterations": 100, "fab_iterations": 100,
+    "square_queries": 5000, "eot_iterations": 1,
+}
+"""The published settings of AutoAttack "standard" (Croce & Hein 2020) under L-infinity."""
+
+
+@pytest.fixture
+def adversaries(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Every ``pyautoattack.AutoAttack`` whose ``run_standard_evaluation`` runs, recorded (the call goes through)."""
+    pyautoattack = pytest.importorskip("pyautoattack")
+    seen = []
+    original = pyautoattack.AutoAttack.run_standard_evaluation
+
+    def spy(self, x, y, **kwargs):
+        seen.append(self)
+        return original(self, x, y, **kwargs)
+
+    monkeypatch.setattr(pyautoattack.AutoAttack, "run_standard_evaluation", spy)
+    return seen
+
+
+def test_autoattack_standard_through_pyautoattack_finds_exactly_the_non_robust_examples(adversaries: list) -> None:
+    """A tiny linear model, 12 examples: AutoAttack accuracy is the analytic robust accuracy, with the standard settings."""
+    model, x, y, robust_flags = linear_problem(12)
+    robust = float(robust_flags.double().mean())
+    assert 0.2 < robust < 0.9
+    result = evaluate(model, [(x[:8], y[:8]), (x[8:], y[8:])], eps=EPS, pgd_steps=10, step_size=0.02, autoattack=True)
+    assert result["autoattack_acc"] == robust and result["clean_acc"] == 1.0
+    assert len(adversaries) == 2  # one run per batch
+    for adversary in adversaries:
+        settings = autoattack_settings(adversary)
+        assert {k: settings[k] for k in STANDARD} == STANDARD and settings["eps"] == EPS
+        assert settings["apgd_t_target_classes"] == settings["fab_target_classes"] == 3  # 4 classes: every other class
+        assert settings["package"].startswith("pyautoattack ")
+
+
+def test_standard_settings_on_ten_classes_are_the_published_ones() -> None:
+    pytest.importorskip("pyautoattack")
+    adversary = make_autoattack(nn.Identity(), eps=8 / 255, n_classes=10)
+    settings = autoattack_settings(adversary)
+    assert {k: settings[k] for k in STANDARD} == STANDARD
+    assert settings["eps"] == 8 / 255 and settings["apgd_t_target_classes"] == settings["fab_target_classes"] == 9
+
+
+def test_custom_version_runs_only_the_attacks_given(adversaries: list) -> None:
+    model, x, y, robust_flags = linear_problem(8)
+    result = evaluate(model, [(x, y)], eps=EPS, pgd_steps=5, step_size=0.02, autoattack=True,
+                      autoattack_version="custom", autoattack_attacks=["apgd-ce"])
+    assert result["autoattack_acc"] == float(robust_flags.double().mean())
+    (adversary,) = adversaries
+    assert adversary.version == "custom" and adversary.attacks_to_run == ["apgd-ce"]
+
+
+@pytest.mark.parametrize(
+    "version, attacks, match",
+    [
+        ("strong", None, r"version must be one of standard, plus, rand, custom"),
+        ("standard", ["apgd-ce"], r"chosen by version 'standard'.*version='custom'"),
+        ("custom", None, r"'custom' needs attacks"),
+        ("custom", ["pgd"], r"'custom' needs attacks from apgd-ce"),
+    ],
+)
+def test_bad_autoattack_version_or_attacks_name_the_fix(version: str, attacks: object, match: str) -> None:
+    model, x, y, _ = linear_problem(4)
+    with pytest.raises(ValueError, match=match):
+        evaluate(model, [(x, y)], autoattack=True, autoattack_version=version, autoattack_attacks=attacks)
+
+
+def test_autoattack_without_the_eval_extra_names_the_pip_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pyautoattack`` not installed (simulated: ``None`` in ``sys.modules`` makes its import fail)."""
+    monkeypatch.setitem(sys.modules, "pyautoattack", None)
+    model, x, y, _ = linear_problem(4)
+    with pytest.raises(MissingExtraError, match=r"AutoAttack needs the optional package 'pyautoattack'.*pip install 'engm-opacus\[eval\]'"):
+        evaluate(model, [(x, y)], autoattack=True)
+    assert evaluate(model, [(x, y)], pgd_steps=1)["autoattack_acc"] is None  # without AutoAttack nothing is needed

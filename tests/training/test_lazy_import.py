@@ -12,7 +12,7 @@ import engm_opacus
 harness = ("engm_opacus.at", "engm_opacus.training", "engm_opacus.experiments", "engm_opacus.cli")
 loaded = sorted(m for m in sys.modules if m.startswith(harness))
 assert not loaded, loaded
-assert "rich" not in sys.modules and "torchattacks" not in sys.modules
+assert "rich" not in sys.modules and "pyautoattack" not in sys.modules and "matplotlib" not in sys.modules
 
 from engm_opacus import TrainConfig, TrainResult, evaluate, train
 from engm_opacus.training.evaluation import evaluate as evaluate_in_module
@@ -21,6 +21,8 @@ from engm_opacus.training.loop import TrainResult as result_in_module, train as 
 assert evaluate is evaluate_in_module and TrainResult is result_in_module
 assert TrainConfig().validate().lr == 0.5
 assert train is train_in_module and engm_opacus.train is train_in_module
+import engm_opacus.cli, engm_opacus.experiments.benchmark, engm_opacus.experiments.diagnostics
+assert "pyautoattack" not in sys.modules and "matplotlib" not in sys.modules  # the [eval] / [plots] extras load on use
 print("ok")
 """
 

@@ -26,13 +26,19 @@ The ascent (step 1) uses ``torch.autograd.grad``, so it writes no ``.grad`` and 
 ENGM-wrapped model records nothing for it (it does not accumulate into the parameters);
 buffers (BatchNorm running statistics) are restored after it, as the reference computes
 it on a proxy model.
+
+Data parallelism (``torch.distributed`` initialized with several processes, e.g. under
+``torchrun``): each rank's ``B_r * g_W`` is summed over the ranks before step 2, so ``v_W`` is the
+one-process perturbation on the global batch (the normalization cancels the ``1/B``) and every
+rank perturbs, and restores, identically.
 """
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from engm_opacus.at.losses.base import ATLossOutput, AttackThenLoss
@@ -44,6 +50,30 @@ DEFAULT_GAMMA_AWP = 5e-3
 def perturbable_weights(model: nn.Module) -> List[nn.Parameter]:
     """Trainable parameters AWP perturbs: ``ndim > 1`` and ``"weight"`` in the name (reference ``diff_in_weights``)."""
     return [p for name, p in model.named_parameters() if p.requires_grad and p.ndim > 1 and "weight" in name]
+
+
+def global_batch_gradients(grads: Sequence[Optional[torch.Tensor]], rows: int) -> List[Optional[torch.Tensor]]:
+    """``sum_r B_r g_r`` over the ranks of a multi-process ``torch.distributed`` job (one ``SUM`` all-reduce); ``grads`` as they are otherwise.
+
+    ``g_r`` is rank ``r``'s gradient of its mean-reduced loss over ``B_r = rows`` rows, so the sum is
+    ``B`` times the global batch's gradient: the same direction, which is all AWP uses.
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return list(grads)
+    present = [g for g in grads if g is not None]
+    if not present:
+        return list(grads)
+    flat = torch.cat([g.reshape(-1).to(present[0].dtype) for g in present]) * rows
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    out: List[Optional[torch.Tensor]] = []
+    offset = 0
+    for g in grads:
+        if g is None:
+            out.append(None)
+            continue
+        out.append(flat[offset : offset + g.numel()].view_as(g).to(g.dtype))
+        offset += g.numel()
+    return out
 
 
 class AWP:
@@ -80,6 +110,7 @@ class AWP:
         with torch.enable_grad():
             loss = self.inner.loss_at(model, x, y, x_adv).loss
             grads = torch.autograd.grad(loss, weights, allow_unused=True)
+        grads = global_batch_gradients(grads, len(x))
         with torch.no_grad():
             for buffer, saved in buffers:
                 buffer.copy_(saved)

@@ -135,11 +135,18 @@ class OpacusGradSamplerRule(PerExampleGradRule):
         return {p: g for p, g in grads.items() if call.reaches(p)}
 
 
+NOT_PER_ROW = frozenset({"EmbeddingBag", "RNNLinear", "SequenceBias"})
+"""Opacus layers whose examples are not the rows of the layer's first input (bags with offsets, the
+time-major cells of ``DPLSTM``/``DPGRU``/``DPRNN``, ``DPMultiheadAttention``'s sequence-first bias): refused."""
+
+
 def rule_for(layer: nn.Module) -> Optional[LayerRule]:
-    """The rule for ``layer``'s exact type, or ``None`` when neither registry has one."""
+    """The rule for ``layer``'s exact type, or ``None`` when neither registry has a usable one."""
     rule = RULES.get(type(layer))
     if rule is not None:
         return rule
+    if type(layer).__name__ in NOT_PER_ROW:
+        return None
     sampler = GradSampleModule.GRAD_SAMPLERS.get(type(layer))
     return None if sampler is None else OpacusGradSamplerRule(sampler)
 
