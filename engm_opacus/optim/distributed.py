@@ -47,6 +47,17 @@ def all_reduce_sums(
     return int(round(totals[0])), tuple(value > 0 for value in totals[1:])
 
 
+def gather_examples(tensors: Tuple[torch.Tensor, ...], group: Optional[dist.ProcessGroup] = None) -> Tuple[torch.Tensor, ...]:
+    """Each ``[N_r]`` tensor concatenated over the ranks (uneven ``N_r``), in rank order, on every rank.
+
+    The input-norm variant calibrates its scale on the global batch's exact and input norms, so
+    that every rank holds the scale one process would have.
+    """
+    gathered: List[object] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, [t.detach().cpu() for t in tensors], group=group)
+    return tuple(torch.cat([part[k] for part in gathered]).to(tensors[k].device) for k in range(len(tensors)))
+
+
 def skip_gradient_all_reduce(ddp: nn.parallel.DistributedDataParallel) -> None:
     """Register a comm hook that leaves each rank's local gradient in ``p.grad`` (no all-reduce):
     ENGM all-reduces its own weighted sums instead, so DDP's gradient all-reduce would be paid for nothing."""

@@ -26,7 +26,7 @@ from opacus.optimizers.optimizer import DPOptimizer
 from torch import nn
 
 from engm_opacus.functional import engm_weights, nonfinite_norms_error, validate_gamma
-from engm_opacus.optim.distributed import all_reduce_sums, data_parallel_world
+from engm_opacus.optim.distributed import all_reduce_sums, data_parallel_world, gather_examples
 from engm_opacus.optim.input_norm import InputNormEstimator
 from engm_opacus.optim.stats import ENGMStepStats
 from engm_opacus.per_example import BackwardRecord, ENGMModule, LayerReduction, rule_for
@@ -196,7 +196,8 @@ class ENGMOptimizer(DPOptimizer):
                     squared = values if squared is None else squared + values.to(squared)
         exact = torch.zeros(record.batch_size()) if squared is None else factor * squared.sqrt()
         if estimator is not None:
-            estimator.calibrate(exact.double(), input_norms.to(exact.device))
+            pairs = (exact.double(), input_norms.to(exact.device))
+            estimator.calibrate(*(gather_examples(pairs) if self.distributed else pairs))
             self._calibration_errors.append(estimator.last_calibration_error)
         return exact
 

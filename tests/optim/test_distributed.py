@@ -138,3 +138,38 @@ def existing_comm_hook(rank: int, tmp_path: Path) -> dict:
 def test_a_model_with_its_own_comm_hook_is_refused(tmp_path: Path) -> None:
     ranks = run_ranks(existing_comm_hook, tmp_path)
     assert "could not replace DDP's gradient all-reduce" in ranks[0].get("error", ""), ranks[0]
+
+
+def train_input_norm_ddp(rank: int, tmp_path: Path, gamma: float) -> dict:
+    model = mlp()
+    wrapped, optimizer = make_engm(
+        DistributedDataParallel(model), torch.optim.SGD(model.parameters(), **HYPER), gamma=gamma, variant="input-norm",
+        calibrate_every=2,
+    )
+    scales = []
+    for x, y in batches():
+        ce(wrapped, shard(x, rank), shard(y, rank)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scales.append(optimizer.last_step.scale)
+    return {"params": [p.detach().clone() for p in model.parameters()], "scales": scales}
+
+
+def test_input_norm_variant_calibrates_on_the_global_batch(tmp_path: Path) -> None:
+    reference = mlp()
+    gamma = 0.5
+    ranks = run_ranks(train_input_norm_ddp, tmp_path, gamma)
+    assert "error" not in ranks[0], ranks[0].get("trace")
+    single, optimizer = make_engm(
+        reference, torch.optim.SGD(reference.parameters(), **HYPER), gamma=gamma, variant="input-norm", calibrate_every=2
+    )
+    scales = []
+    for x, y in batches():
+        ce(single, x, y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scales.append(optimizer.last_step.scale)
+    for rank in ranks:
+        assert rank["scales"] == pytest.approx(scales, rel=1e-12)
+        for got, expected in zip(rank["params"], reference.parameters()):
+            torch.testing.assert_close(got, expected.detach(), rtol=1e-10, atol=1e-12)
