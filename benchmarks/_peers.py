@@ -36,7 +36,7 @@ class NotApplicable(Exception):
 
 @dataclass
 class Row:
-    """One method on one model: the attack, the outer step, and what persists between steps."""
+    """One method on one model: its PGD-10 attack, its outer step and a note for the table."""
 
     attack: Callable[[], Tensor]
     outer: Callable[[Tensor], None]
@@ -119,7 +119,7 @@ def engm_weights(norms: Tensor) -> Tensor:
 # --- the rows ------------------------------------------------------------------------------------
 
 
-def plain_rows(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor) -> Row:
+def plain_row(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor) -> Row:
     """The user's script: attack, ``loss.backward()``, ``step()``, ``zero_grad()`` (MSGD and ENGM)."""
 
     def outer(x_adv: Tensor) -> None:
@@ -133,7 +133,7 @@ def plain_rows(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, y:
 def msgd(norm: str, width: int, x: Tensor, y: Tensor) -> Row:
     """``torch.optim.SGD`` on the mean loss: the baseline."""
     model = PreActResNet18(norm, width).to(x.device)
-    return plain_rows(model, sgd(model), x, y)
+    return plain_row(model, sgd(model), x, y)
 
 
 def engm(norm: str, width: int, x: Tensor, y: Tensor, variant: str = "exact") -> Row:
@@ -145,7 +145,7 @@ def engm(norm: str, width: int, x: Tensor, y: Tensor, variant: str = "exact") ->
     model = PreActResNet18(norm, width).to(x.device)
     kwargs = {} if variant == "exact" else {"variant": variant}
     wrapped, optimizer = make_engm(model, sgd(model), gamma=GAMMA, **kwargs)
-    row = plain_rows(wrapped, optimizer, x, y)
+    row = plain_row(wrapped, optimizer, x, y)
     row.note = "1 backward (the user's)" + ("" if variant == "exact" else "; exact norms on every 10th step")
     return row
 
