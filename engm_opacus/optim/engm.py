@@ -30,6 +30,7 @@ from engm_opacus.optim.distributed import all_reduce_sums, data_parallel_world, 
 from engm_opacus.optim.input_norm import InputNormEstimator
 from engm_opacus.optim.stats import ENGMStepStats
 from engm_opacus.per_example import BackwardRecord, ENGMModule, LayerReduction, rule_for
+from engm_opacus.per_example.rules.base import PerExampleGrads
 
 NonFinitePolicy = Literal["raise", "skip"]
 
@@ -132,7 +133,10 @@ class ENGMOptimizer(DPOptimizer):
         for record in records:
             rows = record.batch_size()
             factor = (rows if reduce_mean else 1.0) / grad_scale
-            reductions = {layer: rule_for(layer).reduction(layer, calls) for layer, calls in record.calls.items()}
+            reductions: Dict[nn.Module, LayerReduction] = {
+                layer: rule_for(layer).reduction(layer, calls) for layer, calls in record.calls.items()
+            }
+            reductions.update({layer: PerExampleGrads(grads) for layer, grads in record.per_example.items()})
             layer_reductions.extend((reduction, rows) for reduction in reductions.values())
             norms = self._norms_of(record, reductions, factor, own)
             self._norms.append(norms)
@@ -188,9 +192,10 @@ class ENGMOptimizer(DPOptimizer):
         if estimator is not None and not estimator.calibrating:
             return estimator.estimate(input_norms)
         squared: Optional[torch.Tensor] = None
-        for layer, reduction in reductions.items():
-            for call in record.calls[layer]:
+        for calls in record.calls.values():
+            for call in calls:
                 call.check_unchanged()
+        for reduction in reductions.values():
             for p, values in reduction.squared_norms().items():
                 if p in own:
                     squared = values if squared is None else squared + values.to(squared)
@@ -203,7 +208,7 @@ class ENGMOptimizer(DPOptimizer):
 
     def _check_coverage(self, records: List[BackwardRecord], accumulated: Set[nn.Parameter]) -> None:
         """Raise if a gradient reached ``p.grad`` outside a recorded layer call, or records outlived ``p.grad``."""
-        recorded = {p for record in records for calls in record.calls.values() for call in calls for p in call.params}
+        recorded = {p for record in records for p in record.reached()}
         names = {p: name for name, p in self.module._module.named_parameters()}
         outside = [names.get(p, "?") for p in accumulated - recorded]
         if outside:

@@ -27,6 +27,7 @@ from torch.autograd.graph import _get_grad_fn_or_grad_acc
 
 from engm_opacus.per_example.records import BackwardRecord, LayerCall
 from engm_opacus.per_example.rules import rule_for
+from engm_opacus.per_example.rules.base import PerExampleGradRule
 
 
 def layers_with_parameters(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
@@ -203,9 +204,13 @@ class ENGMModule(GradSampleModule):
         if activations is None:  # the node producing this output is the one running now
             activations = [getattr(torch._C._current_autograd_node(), call.saved_as).detach()]
             versions = [activations[0]._version]
-        self._current_record().add(
-            LayerCall(call.layer, activations, versions, call.forward_state, reached, backprops.detach())
-        )
+        completed = LayerCall(call.layer, activations, versions, call.forward_state, reached, backprops.detach())
+        rule = rule_for(call.layer)
+        if isinstance(rule, PerExampleGradRule):  # small per-example gradients: keep them, not a and b
+            with torch.no_grad():
+                self._current_record().add_per_example(call.layer, rule.per_example_grads(call.layer, completed))
+        else:
+            self._current_record().add(completed)
 
     def _accumulator(self, p: nn.Parameter) -> Any:
         """``p``'s ``AccumulateGrad`` node, kept alive here so that autograd reuses it (as DDP does)."""

@@ -10,7 +10,7 @@ copy of the layer's parameters, ``dL/dtheta^(i)``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
@@ -62,30 +62,54 @@ class BackwardRecord:
     """Everything one backward pass recorded: the calls of each layer it reached, and input gradients.
 
     Attributes:
-        calls: per layer, its calls in this backward pass (several for TRADES/MART or tied layers).
+        calls: per layer, its calls in this backward pass (several for TRADES/MART or tied layers),
+            kept whole until ``step()``.
+        per_example: per layer whose per-example gradients are small (normalization layers,
+            Embedding, ...), ``dL/dp^(i)`` summed over its calls, computed as each call's backward
+            ran so that the call's inputs and output gradient were freed at once.
         input_grads: gradients of the loss w.r.t. the model's floating-point inputs (recorded only
             for the input-norm variant).
     """
 
     calls: Dict[nn.Module, List[LayerCall]] = field(default_factory=dict)
+    per_example: Dict[nn.Module, Dict[nn.Parameter, torch.Tensor]] = field(default_factory=dict)
     input_grads: List[torch.Tensor] = field(default_factory=list)
 
     def add(self, call: LayerCall) -> None:
         """Append a completed call."""
         self.calls.setdefault(call.layer, []).append(call)
 
+    def add_per_example(self, layer: nn.Module, grads: Dict[nn.Parameter, torch.Tensor]) -> None:
+        """Add one call's ``[B, *p.shape]`` per-example gradients to the layer's running sums."""
+        total = self.per_example.setdefault(layer, {})
+        for p, g in grads.items():
+            if p in total and total[p].shape != g.shape:
+                raise batch_size_error({len(total[p]), len(g)})
+            total[p] = g if p not in total else total[p] + g
+
+    def reached(self) -> Set[nn.Parameter]:
+        """The parameters this backward pass reached through recorded layer calls."""
+        params = {p for calls in self.calls.values() for call in calls for p in call.params}
+        return params | {p for grads in self.per_example.values() for p in grads}
+
     def batch_size(self) -> int:
         """The number of rows ``B`` every call of this pass saw; ``ValueError`` if they disagree."""
         sizes = {len(_first_tensor(call.activations)) for calls in self.calls.values() for call in calls}
+        sizes |= {len(g) for grads in self.per_example.values() for g in grads.values()}
         sizes |= {len(g) for g in self.input_grads}
         if len(sizes) != 1:
-            raise ValueError(
-                f"The layers reached by one backward pass saw batches of different sizes {sorted(sizes)}. "
-                "ENGM treats each row of the batch as one example, so every layer call that a loss depends on "
-                "must see the same rows. Fix: call the model on batches of one size in one loss "
-                "(e.g. TRADES: model(x) and model(x_adv) with len(x) == len(x_adv))."
-            )
+            raise batch_size_error(sizes)
         return sizes.pop()
+
+
+def batch_size_error(sizes: Set[int]) -> ValueError:
+    """The error for layer calls of one backward pass that saw different numbers of rows."""
+    return ValueError(
+        f"The layers reached by one backward pass saw batches of different sizes {sorted(sizes)}. "
+        "ENGM treats each row of the batch as one example, so every layer call that a loss depends on "
+        "must see the same rows. Fix: call the model on batches of one size in one loss "
+        "(e.g. TRADES: model(x) and model(x_adv) with len(x) == len(x_adv))."
+    )
 
 
 def _first_tensor(values: Sequence[Any]) -> torch.Tensor:

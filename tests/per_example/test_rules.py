@@ -11,6 +11,7 @@ from torch import nn
 from engm_opacus.per_example.rules import conv as conv_rules
 from engm_opacus.per_example.rules import linear as linear_rules
 from engm_opacus.per_example.rules import outer, rule_for
+from engm_opacus.per_example.rules.base import PerExampleGrads
 from engm_opacus.wrap import make_engm
 
 B = 4
@@ -33,7 +34,10 @@ def recorded_norms_and_weighted(layer: nn.Module, inputs: List[torch.Tensor], up
     total = sum((model(x) * u).sum() for x, u in zip(inputs, upstream))
     total.backward()
     (record,), _ = model.take_records()
-    reduction = rule_for(layer).reduction(layer, record.calls[layer])
+    if layer in record.calls:
+        reduction = rule_for(layer).reduction(layer, record.calls[layer])
+    else:  # layers with small per-example gradients are reduced as their backward runs
+        reduction = PerExampleGrads(record.per_example[layer])
     squared = reduction.squared_norms()
     weighted = reduction.weighted_grads(factors)
     params = [p for p in layer.parameters() if p.requires_grad]
