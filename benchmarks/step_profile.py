@@ -19,13 +19,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
-import sys
 import time
 import warnings
 from collections import defaultdict
-from pathlib import Path
 from typing import Dict, List, Optional
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # before torch: quiet the profiler's start/stop lines
@@ -33,18 +30,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 
-def _load_peers():
-    """Import ``_peers.py`` next to this file."""
-    name = "_step_cost_peers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().with_name("_peers.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-peers = _load_peers()
+import _peers as peers  # noqa: E402  (run as a script: its folder is on sys.path)
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 
