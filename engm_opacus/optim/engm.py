@@ -165,7 +165,7 @@ class ENGMOptimizer(DPOptimizer):
         for reduction, rows in reductions:
             for p, grad in reduction.weighted_grads(torch.ones(rows)).items():
                 totals[p] = grad if p not in totals else totals[p] + grad
-        names = {p: name for name, p in self.module._module.named_parameters()}
+        names = self._parameter_names()
         compared = [(p, total, p.grad.to(total.dtype)) for p, total in totals.items() if p in own and p.grad is not None]
         scale = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for _, _, g in compared]))) if compared else 0.0
         tolerance = 5e-2 if reduced_precision else VERIFY_TOLERANCE.get(compared[0][2].dtype, 5e-2) if compared else 0.0
@@ -209,7 +209,7 @@ class ENGMOptimizer(DPOptimizer):
     def _check_coverage(self, records: List[BackwardRecord], accumulated: Set[nn.Parameter]) -> None:
         """Raise if a gradient reached ``p.grad`` outside a recorded layer call, or records outlived ``p.grad``."""
         recorded = {p for record in records for p in record.reached()}
-        names = {p: name for name, p in self.module._module.named_parameters()}
+        names = self._parameter_names()
         outside = [names.get(p, "?") for p in accumulated - recorded]
         if outside:
             raise RuntimeError(
@@ -224,6 +224,10 @@ class ENGMOptimizer(DPOptimizer):
                 "or model.zero_grad() of the objects make_engm returned, so ENGM still holds that pass's per-example "
                 "data. Fix: clear gradients with the returned optimizer's or model's zero_grad()."
             )
+
+    def _parameter_names(self) -> Dict[nn.Parameter, str]:
+        """Each parameter's name in the model, for error messages."""
+        return {p: name for name, p in self.module._module.named_parameters()}
 
     def pre_step(self, closure: Optional[Callable[[], float]] = None) -> bool:
         """Accumulate the records; unless the step is skipped, set ``p.grad = d``; return whether to step.

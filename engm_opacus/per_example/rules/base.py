@@ -94,15 +94,19 @@ class PerExampleGrads:
         return {p: torch.einsum("i,i...->...", factors.to(g), g) for p, g in self.grads.items()}
 
 
-class PerExampleGradRule:
+class InputOnlyRule:
+    """Base of the rules that keep nothing at forward time beyond the layer's input."""
+
+    def forward_state(self, layer: nn.Module, activations: Sequence[Any], output: torch.Tensor) -> Any:
+        """Nothing beyond the input."""
+        return None
+
+
+class PerExampleGradRule(InputOnlyRule):
     """A rule for layers whose per-example gradients are small: compute them per call, sum, reduce.
 
     Subclasses implement :meth:`per_example_grads` for one call.
     """
-
-    def forward_state(self, layer: nn.Module, activations: Sequence[Any], output: torch.Tensor) -> Any:
-        """Nothing beyond the inputs."""
-        return None
 
     def per_example_grads(self, layer: nn.Module, call: LayerCall) -> ParamTensors:
         """``[B, *p.shape]`` gradients ``dL/dp^(i)`` of one call, for the parameters it reached."""

@@ -17,7 +17,7 @@ explicitly as the layer pads it, and the convolution is a valid one on the padde
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ from torch import nn
 
 from engm_opacus.per_example.records import LayerCall
 from engm_opacus.per_example.rules.base import (
+    InputOnlyRule,
     ParamTensors,
     PerExampleGrads,
     add_into,
@@ -175,12 +176,8 @@ class ConvReduction:
 
 
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
-class ConvRule:
+class ConvRule(InputOnlyRule):
     """Per-example norms and weighted gradient of ``nn.Conv{1,2,3}d``."""
-
-    def forward_state(self, layer: nn.Module, activations: Sequence[Any], output: torch.Tensor) -> Any:
-        """Nothing beyond the input."""
-        return None
 
     def reduction(self, layer: Conv, calls: List[LayerCall]) -> ConvReduction:
         """A :class:`ConvReduction` (nothing is computed until asked)."""

@@ -12,13 +12,13 @@ For inputs ``a`` of shape ``[B, ..., in]`` and output gradients ``b`` of shape `
 
 from __future__ import annotations
 
-from typing import Any, List, Sequence
+from typing import List
 
 import torch
 from torch import nn
 
 from engm_opacus.per_example.records import LayerCall
-from engm_opacus.per_example.rules.base import ParamTensors, add_into, compute_dtype, register_rule, scaled_per_example
+from engm_opacus.per_example.rules.base import InputOnlyRule, ParamTensors, add_into, compute_dtype, register_rule, scaled_per_example
 from engm_opacus.per_example.rules.outer import bias_squared_norms, outer_product_squared_norms, prefer_ghost
 
 
@@ -59,12 +59,8 @@ class LinearReduction:
 
 
 @register_rule(nn.Linear)
-class LinearRule:
+class LinearRule(InputOnlyRule):
     """Per-example norms and weighted gradient of ``nn.Linear``."""
-
-    def forward_state(self, layer: nn.Module, activations: Sequence[Any], output: torch.Tensor) -> Any:
-        """Nothing beyond the input."""
-        return None
 
     def reduction(self, layer: nn.Linear, calls: List[LayerCall]) -> LinearReduction:
         """A :class:`LinearReduction` (nothing is computed until asked)."""
