@@ -1,118 +1,32 @@
-"""The ENGM-vs-MSGD benchmark's report: per-setting mean +- std, sensitivity spreads, tables, CSV files and plots.
+"""The ENGM-vs-MSGD benchmark's report: rich tables first, then CSV, Markdown and PNG files in the results folder.
 
-:mod:`engm_opacus.experiments.benchmark` produces one row per run; :func:`report` aggregates
-them (mean and sample standard deviation over seeds), prints rich tables and writes
-``runs.csv``, ``main.csv``, ``sensitivity.csv``, ``results.md`` and two PNG plots. Tables name
-the optimizers MSGD, ENGM and ENGM (input-norm); the CSV files keep their config names
-(``msgd``, ``engm``, ``engm-input-norm``).
+Files (:func:`report`): ``tuning.csv`` (every tuning run, validation only), ``main.csv``
+(:data:`~engm_opacus.experiments.bench_tables.MAIN_COLUMNS`), ``runs.csv`` (every final and
+gamma-study run), ``paired.csv`` (ENGM vs MSGD paired tests), ``sensitivity.csv``,
+``gamma.csv``, ``results.md`` (all tables), ``robust_over_epochs.png`` (validation PGD per epoch
+of the final runs) and ``sensitivity.png`` (final validation PGD over each lr grid).
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from engm_opacus.training.config import DEFAULT_LR, OPTIMIZER_LABELS
+from engm_opacus.experiments.bench_runs import gamma_text
+from engm_opacus.experiments.bench_select import COLLAPSE_FACTOR, Setting, paired_comparisons
+from engm_opacus.experiments.bench_tables import (
+    GAMMA_COLUMNS, MAIN_COLUMNS, PAIRED_COLUMNS, RUN_COLUMNS, SENSITIVITY_COLUMNS, TUNING_COLUMNS, gamma_study, gamma_table, label,
+    main_table, paired_table, sensitivity, sensitivity_table, summarize_final, tuning_rows, tuning_table, verdict_text,
+)
 from engm_opacus.training.extras import require
 from engm_opacus.training.logs import atomic_write_text, write_csv
 
 if TYPE_CHECKING:
     from engm_opacus.experiments.benchmark import BenchConfig
-
-METRICS: Tuple[Tuple[str, str], ...] = (
-    ("clean_last", "clean (last)"),
-    ("pgd20_last", "PGD-20 (last)"),
-    ("aa_last", "AA (last)"),
-    ("clean_best", "clean (best)"),
-    ("pgd20_best", "PGD-20 (best)"),
-    ("aa_best", "AA (best)"),
-    ("gap_pgd20", "best-last PGD-20"),
-    ("best_epoch", "best epoch"),
-    ("time_s", "train time s"),
-    ("fraction_above_gamma", "ENGM frac n_i>gamma"),
-)
-"""Per-run metrics aggregated as mean +- std: (key, table header). Accuracies are fractions;
-``fraction_above_gamma`` is the last epoch's mean share of examples with ``n_i > gamma`` (ENGM only)."""
-
-GROUP_KEYS: Tuple[str, ...] = ("part", "dataset", "method", "optimizer", "lr", "weight_decay", "gamma", "epochs")
-"""Columns identifying a setting; runs sharing them (differing in seed) are aggregated."""
-
-SUMMARY_COLUMNS: Tuple[str, ...] = GROUP_KEYS + ("seeds", "autoattack_runs") + tuple(
-    f"{key}_{stat}" for key, _ in METRICS for stat in ("mean", "std")
-)
-"""Columns of ``main.csv`` (and of the ``main`` rows of :func:`summarize`)."""
-
-
-def label(optimizer: str) -> str:
-    """The table name of a benchmark optimizer (``engm-input-norm`` -> ``ENGM (input-norm)``)."""
-    return OPTIMIZER_LABELS.get(optimizer, optimizer)
-
-
-def mean_std(values: Iterable[float]) -> Tuple[float, float]:
-    """Mean and sample std (``ddof=1``; 0 for one value) of the finite values; NaNs if none."""
-    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    if not finite:
-        return float("nan"), float("nan")
-    return float(np.mean(finite)), float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0
-
-
-def summarize(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """One row per setting (:data:`GROUP_KEYS`): ``seeds``, ``autoattack_runs``, ``<metric>_mean`` / ``_std``."""
-    groups: Dict[Tuple[Any, ...], List[Dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault(tuple(str(row[k]) for k in GROUP_KEYS), []).append(row)
-    summary = []
-    for members in groups.values():
-        out = {k: members[0][k] for k in GROUP_KEYS}
-        out["factor"] = members[0].get("factor", 1.0)
-        out["seeds"] = len(members)
-        out["autoattack_runs"] = sum(1 for m in members if math.isfinite(m["aa_last"]))
-        for key, _ in METRICS:
-            out[f"{key}_mean"], out[f"{key}_std"] = mean_std(m[key] for m in members)
-        summary.append(out)
-    return summary
-
-
-def sensitivity(summary: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Per optimizer and swept axis: final PGD-20 (last) mean per multiplier, spread ``max - min`` and std."""
-    out = []
-    for part, axis in (("sensitivity-lr", "lr"), ("sensitivity-wd", "weight_decay")):
-        for optimizer in dict.fromkeys(r["optimizer"] for r in summary if r["part"] == part):
-            points = sorted((r["factor"], r[axis], r["pgd20_last_mean"]) for r in summary if r["part"] == part and r["optimizer"] == optimizer)
-            values = [v for _, _, v in points]
-            out.append({
-                "axis": "lr" if axis == "lr" else "weight decay",
-                "optimizer": optimizer,
-                "settings": ", ".join(f"x{f:g} ({p:g}): {v:.1%}" for f, p, v in points),
-                "spread": max(values) - min(values),
-                "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-            })
-    return out
-
-
-def _fmt(mean: float, std: float, percent: bool) -> str:
-    if not math.isfinite(mean):
-        return "-"
-    return f"{100 * mean:.1f}±{100 * std:.1f}" if percent else f"{mean:.1f}±{std:.1f}"
-
-
-def table_rows(summary: Sequence[Dict[str, Any]], part_prefix: str) -> Tuple[List[str], List[List[str]]]:
-    """Header and formatted rows (``mean ± std``, accuracies in %) of the settings of a part."""
-    header = ["method", "optimizer", "lr", "wd", "gamma", "seeds"] + [title for _, title in METRICS]
-    rows = []
-    for r in summary:
-        if not r["part"].startswith(part_prefix):
-            continue
-        cells = [r["method"], label(r["optimizer"]), f"{r['lr']:g}", f"{r['weight_decay']:g}", "-" if not math.isfinite(r["gamma"]) else f"{r['gamma']:g}", f"{r['seeds']} (AA {r['autoattack_runs']})"]
-        for key, _ in METRICS:
-            cells.append(_fmt(r[f"{key}_mean"], r[f"{key}_std"], key not in ("best_epoch", "time_s")))
-        rows.append(cells)
-    return header, rows
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -126,7 +40,7 @@ def rich_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]])
     """The same table for the terminal."""
     table = Table(title=title)
     for name in header:
-        table.add_column(name, justify="left" if name in ("method", "optimizer") else "right")
+        table.add_column(name, justify="left" if name in ("method", "optimizer", "comparison", "metric", "status", "test") else "right")
     for row in rows:
         table.add_row(*row)
     return table
@@ -137,20 +51,24 @@ def new_figure(**kwargs: Any) -> Any:
     return require("matplotlib.figure", "The benchmark's plots").Figure(**kwargs)
 
 
-def plot_robust_over_epochs(rows: Sequence[Dict[str, Any]], path: Path) -> None:
-    """Validation PGD accuracy per epoch (mean over seeds, band = +- std), one panel per AT method."""
-    main = [r for r in rows if r["part"] == "main"]
-    methods = list(dict.fromkeys(r["method"] for r in main))
-    figure = new_figure(figsize=(4 * len(methods), 3.2))
-    axes = figure.subplots(1, len(methods), squeeze=False)
-    for axis, method in zip(axes[0], methods):
-        for optimizer in dict.fromkeys(r["optimizer"] for r in main):
-            curves = np.array([r["val_pgd_history"] for r in main if r["method"] == method and r["optimizer"] == optimizer])
-            epochs = np.arange(1, curves.shape[1] + 1)
-            mean, std = curves.mean(axis=0), curves.std(axis=0)
-            axis.plot(epochs, 100 * mean, marker="o", label=label(optimizer))
+def plot_robust_over_epochs(final_rows: Sequence[Dict[str, Any]], path: Path) -> None:
+    """Validation PGD accuracy per epoch of the final runs (mean over seeds, band = ± std), one panel per (eps, AT method)."""
+    runs = [r for r in final_rows if r["val_pgd_history"]]
+    panels = list(dict.fromkeys((r["eps"], r["method"]) for r in runs)) or [(0.0, "no finished run")]
+    figure = new_figure(figsize=(4 * len(panels), 3.2))
+    axes = figure.subplots(1, len(panels), squeeze=False)
+    for axis, (eps, method) in zip(axes[0], panels):
+        for optimizer in dict.fromkeys(r["optimizer"] for r in runs):
+            curves = [r["val_pgd_history"] for r in runs if (r["eps"], r["method"], r["optimizer"]) == (eps, method, optimizer)]
+            if not curves:
+                continue
+            length = min(len(c) for c in curves)
+            array = np.array([c[:length] for c in curves], dtype=float)
+            epochs = np.arange(1, length + 1)
+            mean, std = array.mean(axis=0), array.std(axis=0)
+            axis.plot(epochs, 100 * mean, marker="o", markersize=3, label=label(optimizer))
             axis.fill_between(epochs, 100 * (mean - std), 100 * (mean + std), alpha=0.2)
-        axis.set_title(method)
+        axis.set_title(f"{method}, eps {eps:g}")
         axis.set_xlabel("epoch")
         axis.set_ylabel("val PGD acc (%)")
         axis.legend()
@@ -158,90 +76,109 @@ def plot_robust_over_epochs(rows: Sequence[Dict[str, Any]], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
-def plot_sweeps(summary: Sequence[Dict[str, Any]], path: Path) -> bool:
-    """Final PGD-20 (last) vs the lr, weight-decay and gamma factors (error bars = std over seeds); ``False`` if no sweep ran."""
-    labels = {"sensitivity-lr": "lr / optimizer's default lr", "sensitivity-wd": "weight decay / default", "gamma": "gamma / default gamma"}
-    panels = [p for p in labels if any(r["part"] == p for r in summary)]
-    if not panels:
+def plot_sweeps(
+    points: Sequence[Dict[str, Any]], path: Path, *, x: str = "factor", y: str = "pgd20_last", panel: str = "part",
+    xlabel: str = "factor", ylabel: str = "test PGD-20 acc, last (%)",
+) -> bool:
+    """Curves of ``y`` (``<y>_mean``, error bars ``<y>_std`` when present) over ``x`` (log scale), one line per optimizer, one panel per ``panel`` value.
+
+    Returns ``False`` (and writes nothing) when ``points`` is empty.
+    """
+    Figure = require("matplotlib.figure", "The benchmark's plots").Figure
+    if not points:
         return False
-    figure = new_figure(figsize=(4 * len(panels), 3.2))
+    panels = list(dict.fromkeys(p[panel] for p in points))
+    figure = Figure(figsize=(4 * len(panels), 3.2))
     axes = figure.subplots(1, len(panels), squeeze=False)
-    for axis, part in zip(axes[0], panels):
-        factors: set = set()
-        for optimizer in dict.fromkeys(r["optimizer"] for r in summary if r["part"] == part):
-            points = sorted((r["factor"], r["pgd20_last_mean"], r["pgd20_last_std"]) for r in summary if r["part"] == part and r["optimizer"] == optimizer)
-            xs, ys, es = zip(*points)
-            factors.update(xs)
-            axis.errorbar(xs, [100 * y for y in ys], yerr=[100 * e for e in es], marker="o", capsize=3, label=label(optimizer))
+    for axis, value in zip(axes[0], panels):
+        for optimizer in dict.fromkeys(p["optimizer"] for p in points if p[panel] == value):
+            curve = sorted((p[x], p[f"{y}_mean"], p.get(f"{y}_std", 0.0)) for p in points if p[panel] == value and p["optimizer"] == optimizer)
+            xs, ys, es = zip(*curve)
+            axis.errorbar(xs, [100 * v for v in ys], yerr=[100 * e for e in es], marker="o", capsize=3, label=label(optimizer))
         axis.set_xscale("log")
-        axis.set_xticks(sorted(factors), [f"x{f:g}" for f in sorted(factors)])
-        axis.minorticks_off()
-        axis.set_xlabel(labels[part])
-        axis.set_ylabel("test PGD-20 acc, last (%)")
-        axis.set_title(f"PGD-AT: {part.replace('sensitivity-', '')} sweep")
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel(ylabel)
+        axis.set_title(str(value))
         axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     return True
 
 
-def budget_text(bench: BenchConfig) -> str:
-    """One paragraph stating the budget the numbers were measured with."""
+def sensitivity_points(spread: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The lr-grid curves of :func:`~engm_opacus.experiments.bench_tables.sensitivity` as :func:`plot_sweeps` points (panel: method and eps)."""
+    return [
+        {"panel": f"{s['method']}, eps {s['eps']:g}", "optimizer": s["optimizer"], "lr": lr, "val_pgd_last_mean": value}
+        for s in spread for lr, value in s["points"]
+    ]
+
+
+def budget_text(bench: "BenchConfig") -> str:
+    """One paragraph stating the protocol and budget the numbers were measured with."""
     b = bench.base
-    aa = (
-        f"AutoAttack (pyautoattack 'standard') on the first {bench.autoattack_examples} test examples"
-        + (f" for the first {bench.autoattack_seeds} seed(s) only" if bench.autoattack_seeds else "")
-        if bench.autoattack_examples
-        else "AutoAttack off"
+    aa = "AutoAttack off" if bench.autoattack_examples == 0 else (
+        "AutoAttack (pyautoattack 'standard') on "
+        + (f"the first {bench.autoattack_examples}" if bench.autoattack_examples else "all the PGD-20")
+        + " test examples, last and best checkpoint"
     )
     return (
-        f"{'QUICK mode (reduced budget: numbers are indicative only). ' if bench.quick else ''}"
-        f"{b.dataset}, {b.model} ({b.norm} norm), {b.epochs} epochs, batch {b.batch_size}, {b.schedule} schedule, "
-        f"momentum {b.momentum}, eps {b.eps * 255:.3g}/255, training PGD-{b.pgd_steps} step {b.step_size * 255:.3g}/255, "
-        f"validation PGD-{b.val_pgd_steps}, test PGD-{b.test_pgd_steps}; "
-        f"train/val/test examples: {b.max_train_examples or 'all'}/{b.max_val_examples or 'all'}/{b.max_test_examples or 'all'}; "
-        f"{aa}; seeds {list(bench.seeds)} (sweeps: first {bench.sweep_seeds or len(bench.seeds)}); "
-        f"lr MSGD {bench.lr_msgd or DEFAULT_LR['msgd']:g}, lr ENGM {bench.lr_engm or DEFAULT_LR['engm']:g}, gamma {b.gamma:g}, wd {b.weight_decay:g}; "
-        f"{bench.jobs} parallel job(s)."
+        f"{'QUICK mode (smoke-test budget: numbers mean nothing). ' if bench.quick else ''}"
+        f"{b.dataset}, {b.model} ({b.norm} norm), {b.epochs} epochs, batch {b.batch_size}, {b.schedule} schedule, momentum {b.momentum}, "
+        f"wd {b.weight_decay:g}; eps {', '.join(f'{e:g}' for e in bench.eps)} (step eps/4), training PGD-{b.pgd_steps}, "
+        f"validation PGD-{b.val_pgd_steps}, test PGD-{b.test_pgd_steps}; train/val/test examples "
+        f"{b.max_train_examples or 'all'}/{b.max_val_examples or 'all'}/{b.max_test_examples or 'all'}. "
+        f"Tuning on validation, seed {bench.tuning_seed}: lr grid MSGD {list(bench.lr_grid_msgd)}, ENGM (both variants, gamma "
+        f"{gamma_text(b.gamma)}) {list(bench.lr_grid_engm)}; selection = best-checkpoint validation PGD, ties to the smaller lr, "
+        f"collapsed runs (non-finite loss or final val clean <= {COLLAPSE_FACTOR:g}/classes) excluded. Final: seeds {list(bench.seeds)} on "
+        f"the test split; {aa}. Gamma study (PGD-AT, ENGM): {[gamma_text(g) for g in bench.gamma_study]}. {bench.jobs} parallel job(s)."
     )
 
 
-def report(bench: BenchConfig, rows: Sequence[Dict[str, Any]], wall_s: float, console: Optional[Console] = None) -> Dict[str, Any]:
-    """Print rich tables; write CSV, Markdown and PNG files to ``bench.out_dir``; return the summaries.
+def _section(console: Console, markdown: List[str], title: str, table: Any, note: str = "") -> None:
+    header, rows = table
+    if rows:
+        console.print(rich_table(title, header, rows))
+        markdown.append(f"\n## {title}\n\n" + (f"{note}\n\n" if note else "") + markdown_table(header, rows))
 
-    Files: ``runs.csv`` (one row per run), ``main.csv`` (:data:`SUMMARY_COLUMNS`, all parts),
-    ``sensitivity.csv``, ``results.md`` (all tables), ``robust_over_epochs.png``, ``sweeps.png``.
-    """
+
+def report(
+    bench: "BenchConfig", tuning: Sequence[Dict[str, Any]], final: Sequence[Dict[str, Any]], gamma: Sequence[Dict[str, Any]],
+    selected: Dict[Setting, Optional[float]], wall_s: float, console: Optional[Console] = None,
+) -> Dict[str, Any]:
+    """Print the rich tables, then write the CSV, Markdown and PNG files to ``bench.out_dir``; return the summaries."""
     console = console or Console()
     out = Path(bench.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    summary = summarize(rows)
-    spread = sensitivity(summary)
-    run_columns = GROUP_KEYS + ("factor", "seed") + tuple(k for k, _ in METRICS) + ("val_gap", "fraction_above_gamma", "direction_norm")
-    write_csv(rows, out / "runs.csv", run_columns)
-    write_csv(summary, out / "main.csv", SUMMARY_COLUMNS)
-    write_csv(spread, out / "sensitivity.csv", ("axis", "optimizer", "settings", "spread", "std"))
-    plot_robust_over_epochs(rows, out / "robust_over_epochs.png")
-    has_sweeps = plot_sweeps(summary, out / "sweeps.png")
+    summary = summarize_final(final)
+    tuned = tuning_rows(tuning, selected)
+    spread = sensitivity(tuning)
+    paired = paired_comparisons(final)
+    gamma_summary, verdicts = gamma_study(final, gamma)
 
     budget = budget_text(bench)
     console.print(budget)
-    markdown = [f"# ENGM vs MSGD\n\n{budget}\n\nAccuracies in % on the test split, mean ± std over seeds. "
-                "Wall time of the whole benchmark: " f"{wall_s:.0f} s.\n"]
-    titles = (("main", "AT methods x optimizers"), ("sensitivity", "Sensitivity sweep (PGD-AT)"), ("gamma", "Gamma sweep (PGD-AT, ENGM)"))
-    for prefix, title in titles:
-        header, formatted = table_rows(summary, prefix)
-        if formatted:
-            console.print(rich_table(title, header, formatted))
-            markdown.append(f"\n## {title}\n\n" + markdown_table(header, formatted))
-    if spread:
-        header = ["axis", "optimizer", "final PGD-20 (last) per setting", "spread max-min", "std"]
-        formatted = [[s["axis"], label(s["optimizer"]), s["settings"], f"{100 * s['spread']:.1f}", f"{100 * s['std']:.1f}"] for s in spread]
-        console.print(rich_table("Sensitivity: spread of final robust accuracy (percentage points)", header, formatted))
-        markdown.append("\n## Spread of final robust accuracy (percentage points)\n\n" + markdown_table(header, formatted))
-    markdown.append("\nPlots: `robust_over_epochs.png`" + (", `sweeps.png`" if has_sweeps else "") + "\n")
+    markdown = [f"# ENGM vs MSGD\n\n{budget}\n\nWall time of this invocation: {wall_s:.0f} s (reused runs cost nothing).\n"]
+    _section(console, markdown, "Main table: selected lr, test accuracy in % (mean ± std over seeds)", main_table(summary))
+    _section(console, markdown, "Paired tests across seeds (vs MSGD)", paired_table(paired),
+             "Differences in percentage points, paired by seed; paired t-test (scipy) or exact sign-flip permutation test.")
+    _section(console, markdown, "Tuning on validation (seed %d)" % bench.tuning_seed, tuning_table(tuned))
+    _section(console, markdown, "Sensitivity: final validation PGD over the lr grid (%)", sensitivity_table(spread))
+    _section(console, markdown, "Gamma study (PGD-AT, exact ENGM, test PGD-20 in %)", gamma_table(gamma_summary))
+    for verdict in verdicts:
+        console.print(verdict_text(verdict))
+        markdown.append(f"\n{verdict_text(verdict)}\n")
+    markdown.append("\nPlots: `robust_over_epochs.png`, `sensitivity.png`.\n")
+
+    out.mkdir(parents=True, exist_ok=True)  # files only after the tables are on the screen
+    write_csv(tuned, out / "tuning.csv", TUNING_COLUMNS)
+    write_csv(summary, out / "main.csv", MAIN_COLUMNS)
+    write_csv([*final, *gamma], out / "runs.csv", RUN_COLUMNS)
+    write_csv(paired, out / "paired.csv", PAIRED_COLUMNS)
+    write_csv(spread, out / "sensitivity.csv", SENSITIVITY_COLUMNS)
+    write_csv(gamma_summary, out / "gamma.csv", GAMMA_COLUMNS)
+    plot_robust_over_epochs(final, out / "robust_over_epochs.png")
+    plot_sweeps(sensitivity_points(spread), out / "sensitivity.png", x="lr", y="val_pgd_last", panel="panel",
+                xlabel="learning rate", ylabel="final val PGD acc (%)")
     atomic_write_text("".join(markdown), out / "results.md")
-    console.print(f"Wrote runs.csv, main.csv, sensitivity.csv, results.md and plots to {out} ({wall_s:.0f} s).")
-    return {"summary": summary, "sensitivity": spread, "markdown": "".join(markdown)}
-
-
+    console.print(f"Wrote tuning.csv, main.csv, runs.csv, paired.csv, sensitivity.csv, gamma.csv, results.md and plots to {out} ({wall_s:.0f} s).")
+    return {"summary": summary, "tuning_table": tuned, "sensitivity": spread, "paired": paired, "gamma": gamma_summary, "verdicts": verdicts,
+            "markdown": "".join(markdown)}

@@ -1,36 +1,37 @@
-"""The ENGM-vs-MSGD benchmark on a minimal budget: every column, values in range, reuse, resume, CLI options."""
+"""The ENGM-vs-MSGD benchmark on a minimal budget: tuning on validation then seeds on test, every column, paired tests, reuse, resume."""
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
-from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from scipy.stats import ttest_rel
 
-import engm_opacus.experiments.benchmark as benchmark
-from engm_opacus.cli.bench import add_arguments, bench_config_from_args
-from engm_opacus.experiments.benchmark import OPTIMIZER_CHOICES, BenchConfig, plan, run_benchmark, run_name
-from engm_opacus.experiments.benchmark_report import METRICS, SUMMARY_COLUMNS
-from engm_opacus.training.config import DEFAULT_LR, TrainConfig
+import engm_opacus.experiments.bench_runs as bench_runs
+from engm_opacus.experiments.bench_runs import RunSpec, run_name
+from engm_opacus.experiments.bench_select import select_lrs
+from engm_opacus.experiments.bench_tables import GAMMA_COLUMNS, MAIN_COLUMNS, METRICS, PAIRED_COLUMNS, RUN_COLUMNS, TUNING_COLUMNS
+from engm_opacus.experiments.benchmark import OPTIMIZER_CHOICES, BenchConfig, final_configs, run_benchmark, tuning_configs
+from engm_opacus.training.config import TrainConfig
 
-# eps 0.3 makes every attack succeed at once, so AutoAttack (run on 4 examples) stops after its first attack.
 TINY = TrainConfig(
-    epochs=1, batch_size=16, max_train_examples=32, max_val_examples=8, max_test_examples=8,
-    eps=0.3, step_size=0.1, pgd_steps=3, val_pgd_steps=3, test_pgd_steps=3, device="cpu", progress=False,
+    epochs=1, batch_size=16, max_train_examples=48, max_val_examples=16, max_test_examples=16,
+    pgd_steps=1, val_pgd_steps=1, test_pgd_steps=2, device="cpu", progress=False,
 )
+TEST_KEYS = ("clean_last", "pgd20_last", "aa_last", "clean_best", "pgd20_best", "aa_best", "gap_pgd20")
 
 
 @pytest.fixture(scope="module")
 def minimal(tmp_path_factory: pytest.TempPathFactory):
     torch.set_num_threads(1)
     bench = BenchConfig(
-        methods=("pgd-at",), optimizers=OPTIMIZER_CHOICES, seeds=(0,), lr_multipliers=(1.0, 2.0), wd_multipliers=(),
-        gamma_multipliers=(1.0, 4.0), autoattack_examples=4, jobs=1, out_dir=str(tmp_path_factory.mktemp("bench")), base=TINY,
+        eps=(0.05,), methods=("pgd-at",), lr_grid_msgd=(0.05, 0.1), lr_grid_engm=(0.5, 1.0), seeds=(0, 1, 2), gamma_study=(4.0,),
+        autoattack_examples=2, jobs=1, out_dir=str(tmp_path_factory.mktemp("bench")), base=TINY,
     )
     return bench, run_benchmark(bench)
 
@@ -40,102 +41,118 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+def header(path: Path) -> tuple:
+    with open(path, newline="") as handle:
+        return tuple(next(csv.reader(handle)))
+
+
 def test_main_table_has_every_column_with_values_in_range(minimal):
-    bench, _ = minimal
+    bench, result = minimal
     out = Path(bench.out_dir)
-    with open(out / "main.csv", newline="") as handle:
-        assert tuple(next(csv.reader(handle))) == SUMMARY_COLUMNS
-    main = [r for r in read_csv(out / "main.csv") if r["part"] == "main"]
+    assert header(out / "main.csv") == MAIN_COLUMNS
+    main = read_csv(out / "main.csv")
     assert [r["optimizer"] for r in main] == list(OPTIMIZER_CHOICES)
     for row in main:
-        assert row["seeds"] == "1" and row["autoattack_runs"] == "1"
+        assert row["seeds"] == "3" and float(row["eps"]) == 0.05 and 0.0 <= float(row["diverged_share"]) <= 1.0
+        assert float(row["lr"]) == result["selected"][(0.05, "pgd-at", row["optimizer"])]
         for key in ("clean_last", "pgd20_last", "aa_last", "clean_best", "pgd20_best", "aa_best"):
             assert 0.0 <= float(row[f"{key}_mean"]) <= 1.0, key
-            assert float(row[f"{key}_std"]) == 0.0  # one seed
-        # AutoAttack is at least as strong as nothing: it never exceeds clean accuracy.
-        assert float(row["aa_last_mean"]) <= float(row["clean_last_mean"])
-        # One epoch: the best checkpoint is the last one, so the overfitting gap is exactly 0.
-        assert float(row["best_epoch_mean"]) == 1.0 and float(row["gap_pgd20_mean"]) == 0.0
-        assert float(row["time_s_mean"]) > 0.0
-        expected_lr = DEFAULT_LR[row["optimizer"]]
-        assert float(row["lr"]) == pytest.approx(expected_lr)
+            assert float(row[f"{key}_std"]) >= 0.0, key
+        assert float(row["gap_pgd20_mean"]) == pytest.approx(float(row["pgd20_best_mean"]) - float(row["pgd20_last_mean"]))
+        assert float(row["best_epoch_mean"]) == 1.0 and float(row["time_s_mean"]) > 0.0
         assert (row["gamma"] == "") == (row["optimizer"] == "msgd")
+    for name, columns in (("tuning.csv", TUNING_COLUMNS), ("runs.csv", RUN_COLUMNS), ("paired.csv", PAIRED_COLUMNS), ("gamma.csv", GAMMA_COLUMNS)):
+        assert header(out / name) == columns, name
     text = (out / "results.md").read_text()
-    for _, title in METRICS:
+    for title in [t for _, t in METRICS] + ["Paired tests", "Tuning on validation", "Sensitivity", "Gamma study", "tuned fixed gamma"]:
         assert title in text
-    for name in ("| MSGD |", "| ENGM |", "| ENGM (input-norm) |"):  # one name per optimizer in the tables
+    for name in ("| MSGD |", "| ENGM |", "| ENGM (input-norm) |"):
         assert name in text
-    for name in ("runs.csv", "sensitivity.csv", "robust_over_epochs.png", "sweeps.png"):
-        assert (out / name).stat().st_size > 0
-    assert (out / "sweeps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("robust_over_epochs.png", "sensitivity.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_runs_and_sweeps_follow_the_plan(minimal):
+def test_tuning_then_seeds_structure_and_selection_on_validation(minimal):
     bench, result = minimal
-    rows = result["rows"]
-    assert len(rows) == len(plan(bench)) == 3 + 2 * 2 + 2
-    assert len({run_name(spec) for spec in plan(bench)}) == 6  # the x1 sweep points reuse the main runs
-    runs = read_csv(Path(bench.out_dir) / "runs.csv")
-    assert len(runs) == len(rows)
-    lr_sweep = {(r["optimizer"], float(r["lr"])) for r in runs if r["part"] == "sensitivity-lr"}
-    assert lr_sweep == {("msgd", 0.1), ("msgd", 0.2), ("engm", 0.5), ("engm", 1.0)}
-    assert sorted(float(r["gamma"]) for r in runs if r["part"] == "gamma") == [1.0, 4.0]
-    for spread in result["sensitivity"]:
-        a, b = (r["pgd20_last_mean"] for r in result["summary"] if r["part"] == "sensitivity-lr" and r["optimizer"] == spread["optimizer"])
-        assert spread["spread"] == pytest.approx(abs(a - b))
-        assert spread["std"] == pytest.approx(abs(a - b) / math.sqrt(2))
+    tuning, final, gamma = result["tuning"], result["final"], result["gamma"]
+    assert len(tuning) == 2 * 3 and {r["seed"] for r in tuning} == {1000} and {r["phase"] for r in tuning} == {"tune"}
+    assert not any(key in row for row in tuning for key in TEST_KEYS)  # tuning rows carry no test number at all
+    assert len(final) == 3 * 3 and sorted({r["seed"] for r in final}) == [0, 1, 2]
+    assert len(gamma) == 3 and {r["gamma"] for r in gamma} == {4.0} and {r["lr"] for r in gamma} == {result["selected"][(0.05, "pgd-at", "engm")]}
+    for optimizer in OPTIMIZER_CHOICES:
+        eligible = [r for r in tuning if r["optimizer"] == optimizer and not r["collapsed"]]
+        expected = max(eligible, key=lambda r: (r["val_pgd_best"], -r["lr"]))["lr"] if eligible else None
+        assert result["selected"][(0.05, "pgd-at", optimizer)] == expected
+        assert {r["lr"] for r in final if r["optimizer"] == optimizer} == ({expected} if expected else set())
+    for row in tuning:
+        assert row["val_pgd_best"] == max(row["val_pgd_history"])
+    sizes = [len(r["val_pgd_history"]) for r in tuning + final]
+    assert sizes == [1] * len(sizes)
 
 
-def test_rerun_reuses_finished_runs_without_training(minimal, monkeypatch):
+def test_tuning_test_numbers_are_never_read(minimal):
+    """Poison the tuning runs' stored test numbers: re-reading them gives the same rows and selection."""
+    bench, result = minimal
+    runs = Path(bench.out_dir) / "runs"
+    specs = [RunSpec("tune", config, 0) for config in tuning_configs(bench)]
+    for spec in specs:
+        run_dir = runs / run_name(spec)
+        stored = json.loads((run_dir / "result.json").read_text())
+        assert stored["test_last"]["n_examples"] == 1  # the loop always tests; tuning runs cap it at one example
+        for key in ("test_last", "test_best"):
+            stored[key] = {k: float("nan") for k in stored[key]}
+        (run_dir / "result.json").write_text(json.dumps(stored))
+        (run_dir / "bench.json").unlink()
+    again = [bench_runs.run_one(spec, str(runs)) for spec in specs]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "reused"} for r in rows]  # noqa: E731
+    assert json.dumps(strip(again)) == json.dumps(strip(result["tuning"]))  # (NaN != NaN as floats)
+    assert select_lrs(again) == result["selected"]
+
+
+def test_paired_tests_match_an_independent_computation(minimal):
+    bench, result = minimal
+    runs = [r for r in read_csv(Path(bench.out_dir) / "runs.csv") if r["phase"] == "final"]
+    paired = read_csv(Path(bench.out_dir) / "paired.csv")
+    assert len(paired) == 2 * 2
+    for row in paired:
+        def values(optimizer: str) -> np.ndarray:
+            return np.array([float(r[row["metric"]]) for r in sorted(runs, key=lambda r: int(r["seed"])) if r["optimizer"] == optimizer])
+
+        a, b = values(row["optimizer"]), values("msgd")
+        assert row["baseline"] == "msgd" and int(row["n"]) == 3 and row["test"] == "paired t"
+        assert float(row["mean_diff"]) == pytest.approx(float(np.mean(a - b)), abs=1e-12)
+        expected = float(ttest_rel(a, b).pvalue)
+        if math.isnan(expected):
+            assert row["p_value"] == ""
+        else:
+            assert float(row["p_value"]) == pytest.approx(expected)
+
+
+def test_rerun_trains_and_attacks_nothing(minimal, monkeypatch):
     bench, result = minimal
 
-    def no_training(config):
-        raise AssertionError("a finished run was trained again")
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a finished run was computed again")
 
-    monkeypatch.setattr(benchmark, "train", no_training)
+    monkeypatch.setattr(bench_runs, "train", forbidden)
+    monkeypatch.setattr(bench_runs, "autoattack_eval", forbidden)
     again = run_benchmark(bench)
-    assert all(row["reused"] for row in again["rows"])
-    assert [r["pgd20_last"] for r in again["rows"]] == [r["pgd20_last"] for r in result["rows"]]
+    assert all(row["reused"] for row in again["tuning"] + again["final"] + again["gamma"])
+    assert [r["pgd20_last"] for r in again["final"]] == [r["pgd20_last"] for r in result["final"]]
+    assert again["selected"] == result["selected"]
 
 
 def test_interrupted_run_resumes_from_its_checkpoint(minimal):
     bench, result = minimal
-    spec = plan(bench)[0]
+    row = result["final"][0]
+    spec = RunSpec("final", final_configs(bench, result["selected"])[0], bench.autoattack_examples)
+    assert (spec.config.optimizer, spec.config.seed, spec.config.lr) == (row["optimizer"], row["seed"], row["lr"])
     run_dir = Path(bench.out_dir) / "runs" / run_name(spec)
     history = json.loads((run_dir / "metrics.json").read_text())
     (run_dir / "bench.json").unlink()
     (run_dir / "result.json").unlink()  # as if killed after the last epoch's checkpoint
-    row = benchmark.run_one(spec, str(Path(bench.out_dir) / "runs"))
-    assert not row["reused"]
+    again = bench_runs.run_one(spec, str(Path(bench.out_dir) / "runs"))
+    assert not again["reused"]
     assert json.loads((run_dir / "metrics.json").read_text()) == history  # no epoch was trained again
-    for key in ("clean_last", "pgd20_last", "aa_last", "time_s"):
-        assert row[key] == result["rows"][0][key]
-
-
-def test_bad_configs_name_the_fix():
-    with pytest.raises(ValueError, match="Fix: use some of"):
-        BenchConfig(methods=("fgsm",), base=TINY).validate()
-    with pytest.raises(ValueError, match="engm-input-norm"):
-        BenchConfig(optimizers=("adam",), base=TINY).validate()
-    with pytest.raises(ValueError, match="--seeds 0 1 2"):
-        BenchConfig(seeds=(0, 0), base=TINY).validate()
-    with pytest.raises(ValueError, match="positive"):
-        BenchConfig(lr_multipliers=(0.0,), base=TINY).validate()
-    with pytest.raises(ValueError, match="0 turns AutoAttack off"):
-        BenchConfig(autoattack_examples=-1, base=TINY).validate()
-    with pytest.raises(ValueError, match="epochs"):
-        BenchConfig(base=replace(TINY, epochs=0)).validate()
-
-
-def test_cli_options_map_onto_the_quick_budget():
-    parser = add_arguments(argparse.ArgumentParser())
-    quick = bench_config_from_args(parser.parse_args(["--quick"]))
-    assert quick.quick and quick.base.epochs == 4 and quick.base.max_train_examples == 640 and quick.autoattack_seeds == 1
-    assert quick.base.lr is None  # each optimizer at its own DEFAULT_LR
-    custom = bench_config_from_args(parser.parse_args(
-        ["--quick", "--methods", "mart", "--seeds", "3", "4", "--epochs", "2", "--wd-multipliers", "--lr-engm", "0.3"]
-    ))
-    assert custom.methods == ("mart",) and custom.seeds == (3, 4) and custom.base.epochs == 2
-    assert custom.wd_multipliers == () and custom.lr_multipliers == (0.5, 1.0, 2.0) and custom.lr_engm == 0.3
-    full_cifar = bench_config_from_args(parser.parse_args(["--dataset", "cifar10", "--data-dir", "/data"]))
-    assert not full_cifar.quick and full_cifar.base.model == "preact-resnet18" and full_cifar.base.data_dir == "/data"
+    for key in TEST_KEYS + ("time_s",):
+        assert again[key] == row[key], key
