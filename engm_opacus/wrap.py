@@ -16,10 +16,11 @@ from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
 from opacus.grad_sample import GradSampleModule
 from torch import nn
 
-from engm_opacus.functional import validate_gamma
-from engm_opacus.optim import ENGMOptimizer, InputNormEstimator, NonFinitePolicy, require_torch_optimizer
+from engm_opacus.functional import GammaSetting, validate_gamma_setting
+from engm_opacus.optim import AutoGamma, ENGMOptimizer, InputNormEstimator, NonFinitePolicy, require_torch_optimizer
 from engm_opacus.optim.distributed import skip_gradient_all_reduce
 from engm_opacus.per_example import ENGMModule
+from engm_opacus.per_example.module import InputGradSource
 
 DATA_PARALLEL = (nn.parallel.DistributedDataParallel, DifferentiallyPrivateDistributedDataParallel)
 """Data-parallel wrappers ``make_engm`` accepts: ENGM then all-reduces its own sums over the ranks."""
@@ -32,13 +33,16 @@ def make_engm(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     *,
-    gamma: float,
+    gamma: GammaSetting,
     variant: Variant = "exact",
     loss_reduction: Literal["mean", "sum"] = "mean",
     on_nonfinite: NonFinitePolicy = "raise",
     input_norm_scale: Optional[float] = None,
     calibrate_every: int = 10,
     calibration_momentum: float = 0.5,
+    input_grad_source: InputGradSource = "backward",
+    gamma_quantile: float = 0.5,
+    gamma_window: int = 50,
 ) -> Tuple[ENGMModule, ENGMOptimizer]:
     """Wrap ``model`` and ``optimizer`` for ENGM.
 
@@ -60,7 +64,8 @@ def make_engm(
             layers Opacus has grad samplers for; others are refused with the list.
         optimizer: a ``torch.optim.Optimizer`` built on ``model``'s parameters.
         gamma: the normalization floor ``gamma > 0`` (this library's choice per run: no default
-            is taken from the paper).
+            is taken from the paper), or ``"auto"``: the ``gamma_quantile`` quantile of the
+            per-example norms of the last ``gamma_window`` steps (:class:`~engm_opacus.optim.AutoGamma`).
         variant: ``"exact"`` (per-example norms from the backward's records) or
             ``"input-norm"`` (``n_i ~= s * B ||dL/dx_i||``, ``s`` calibrated against exact
             norms: :class:`~engm_opacus.optim.InputNormEstimator`).
@@ -70,6 +75,13 @@ def make_engm(
         input_norm_scale: input-norm only: a fixed ``s`` (no calibration).
         calibrate_every: input-norm only: calibrate ``s`` on the first step and every ``K`` steps.
         calibration_momentum: input-norm only: ``beta`` of the running geometric average of ``s``.
+        input_grad_source: input-norm only: ``"backward"`` (the input gradient of your training
+            loss, from its own backward: any loss; the weighted gradient is then computed at
+            ``step()``) or ``"attack"`` (the attack's last input gradient, for attacks whose loss
+            is the training loss, as in PGD-AT: the weights are fixed before the training backward,
+            which then produces ``d`` itself at MSGD's cost).
+        gamma_quantile: ``gamma="auto"`` only: the quantile ``q`` in ``(0, 1)``.
+        gamma_window: ``gamma="auto"`` only: the number of past steps whose norms enter the quantile.
 
     Returns:
         ``(ENGMModule, ENGMOptimizer)``: an Opacus ``GradSampleModule`` whose ``state_dict`` has
@@ -81,14 +93,20 @@ def make_engm(
             or input-norm options with ``variant="exact"``.
         TypeError: ``optimizer`` is not a plain ``torch.optim.Optimizer``.
     """
-    validate_gamma(gamma)
+    gamma = validate_gamma_setting(gamma)
+    auto_gamma = AutoGamma(gamma_quantile, gamma_window) if gamma == "auto" else None
+    if gamma != "auto" and (gamma_quantile, gamma_window) != (0.5, 50):
+        raise ValueError("gamma_quantile and gamma_window apply to gamma='auto' only. Fix: drop them, or pass gamma='auto'.")
     require_torch_optimizer(optimizer)
     if variant not in VARIANTS:
         raise ValueError(f"Unknown variant {variant!r}. Fix: use one of {', '.join(VARIANTS)}.")
     if loss_reduction not in ("mean", "sum"):
         raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}.")
-    if variant == "exact" and input_norm_scale is not None:
-        raise ValueError("input_norm_scale applies to variant='input-norm' only. Fix: drop it, or pass variant='input-norm'.")
+    if variant == "exact" and (input_norm_scale is not None or input_grad_source != "backward"):
+        raise ValueError(
+            "input_norm_scale and input_grad_source apply to variant='input-norm' only. Fix: drop them, or pass "
+            "variant='input-norm'."
+        )
     if isinstance(model, GradSampleModule) or isinstance(getattr(model, "module", None), GradSampleModule):
         raise ValueError(
             "model is already wrapped by Opacus or make_engm. Fix: pass the plain nn.Module (its .to_standard_module()), "
@@ -107,10 +125,11 @@ def make_engm(
             scale=input_norm_scale, calibrate_every=calibrate_every, calibration_momentum=calibration_momentum
         )
     distributed = isinstance(model, DATA_PARALLEL)
-    wrapped = ENGMModule(model, loss_reduction=loss_reduction, record_input_grads=estimator is not None)
+    wrapped = ENGMModule(model, loss_reduction=loss_reduction, input_grad_source=None if estimator is None else input_grad_source)
     if isinstance(model, nn.parallel.DistributedDataParallel):
         skip_gradient_all_reduce(model)
     engm = ENGMOptimizer(
-        optimizer, module=wrapped, gamma=gamma, on_nonfinite=on_nonfinite, estimator=estimator, distributed=distributed
+        optimizer, module=wrapped, gamma=gamma, on_nonfinite=on_nonfinite, estimator=estimator, auto_gamma=auto_gamma,
+        distributed=distributed,
     )
     return wrapped, engm

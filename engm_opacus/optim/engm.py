@@ -19,13 +19,14 @@ and the division by ``N``.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Literal, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Literal, Optional, Set, Tuple
 
 import torch
 from opacus.optimizers.optimizer import DPOptimizer
 from torch import nn
 
-from engm_opacus.functional import engm_weights, nonfinite_norms_error, validate_gamma
+from engm_opacus.functional import GammaSetting, engm_weights, nonfinite_norms_error, validate_gamma, validate_gamma_setting
+from engm_opacus.optim.auto_gamma import AutoGamma
 from engm_opacus.optim.distributed import all_reduce_sums, data_parallel_world, gather_examples
 from engm_opacus.optim.input_norm import InputNormEstimator
 from engm_opacus.optim.stats import ENGMStepStats
@@ -68,10 +69,12 @@ class ENGMOptimizer(DPOptimizer):
     Args:
         optimizer: the wrapped ``torch.optim.Optimizer``.
         module: the model wrapped by :func:`~engm_opacus.make_engm`.
-        gamma: the normalization floor ``gamma > 0``.
+        gamma: the normalization floor ``gamma > 0``, or ``"auto"``: a running quantile of recent
+            norms (:class:`~engm_opacus.optim.auto_gamma.AutoGamma`).
         on_nonfinite: ``"raise"`` (``FloatingPointError``) or ``"skip"`` (no update, momentum
             untouched, recorded in :attr:`last_step`) on NaN/inf per-example norms.
         estimator: the input-norm variant's estimator, or ``None`` for exact norms.
+        auto_gamma: the running quantile for ``gamma="auto"`` (default: ``AutoGamma()``).
         verify_steps: on this many first steps, check that the recorded per-example gradients
             sum to ``p.grad`` (one extra weighted-gradient computation): a parameter used outside
             its layer's forward (tied weights, ``F.linear(x, layer.weight)``) or gradients cleared
@@ -87,39 +90,50 @@ class ENGMOptimizer(DPOptimizer):
         optimizer: torch.optim.Optimizer,
         *,
         module: ENGMModule,
-        gamma: float,
+        gamma: GammaSetting,
         on_nonfinite: NonFinitePolicy = "raise",
         estimator: Optional[InputNormEstimator] = None,
+        auto_gamma: Optional[AutoGamma] = None,
         verify_steps: int = 1,
         distributed: bool = False,
     ):
         require_torch_optimizer(optimizer)
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}.")
+        gamma = validate_gamma_setting(gamma)
+        if gamma == "auto" and auto_gamma is None:
+            auto_gamma = AutoGamma()
         super().__init__(
-            optimizer, noise_multiplier=0.0, max_grad_norm=validate_gamma(gamma), expected_batch_size=None, loss_reduction="sum"
+            optimizer, noise_multiplier=0.0, max_grad_norm=1.0 if gamma == "auto" else gamma, expected_batch_size=None,
+            loss_reduction="sum",
         )
         self.module = module
         self.on_nonfinite: NonFinitePolicy = on_nonfinite
         self.estimator = estimator
+        self.auto_gamma = auto_gamma if gamma == "auto" else None
         self.last_step: Optional[ENGMStepStats] = None
         self._norms: List[torch.Tensor] = []
         self._calibration_errors: List[float] = []
         self.verify_steps = verify_steps
         self.distributed = distributed
+        self._arm_next_step()
 
     @property
     def gamma(self) -> float:
-        """The normalization floor (Opacus's ``max_grad_norm``)."""
+        """The normalization floor (Opacus's ``max_grad_norm``); with ``gamma="auto"``, the value of the last step."""
         return self.max_grad_norm
 
     @gamma.setter
     def gamma(self, value: float) -> None:
         self.max_grad_norm = validate_gamma(value)
+        self.auto_gamma = None
 
     @torch.no_grad()
     def accumulate(self, grad_scale: float = 1.0, overflow: bool = False) -> None:
         """Add ``sum_i w_i g_i`` of every recorded backward pass to ``p.summed_grad``; keep the norms.
+
+        On the input-norm fast path the backward already produced ``sum_i w_i grad l_i`` in ``p.grad``
+        (:meth:`_fast_path_weights`), which is moved there as it is.
 
         Args:
             grad_scale: the loss scale of a ``GradScaler`` (records are divided by it).
@@ -127,9 +141,13 @@ class ENGMOptimizer(DPOptimizer):
         """
         records, accumulated = self.module.take_records()
         own = set(self.params)
+        if self.module.row_weights is not None:
+            self._accumulate_weighted_passes(records, own, grad_scale, overflow)
+            return
         self._check_coverage(records, accumulated & own)
         reduce_mean = self.module.loss_reduction == "mean"
         layer_reductions: List[Tuple[LayerReduction, int]] = []
+        passes: List[Tuple[Dict[nn.Module, LayerReduction], torch.Tensor, float]] = []
         for record in records:
             rows = record.batch_size()
             factor = (rows if reduce_mean else 1.0) / grad_scale
@@ -140,6 +158,10 @@ class ENGMOptimizer(DPOptimizer):
             layer_reductions.extend((reduction, rows) for reduction in reductions.values())
             norms = self._norms_of(record, reductions, factor, own)
             self._norms.append(norms)
+            passes.append((reductions, norms, factor))
+        if passes and self.auto_gamma is not None:
+            self._set_auto_gamma(torch.cat([norms for _, norms, _ in passes]))
+        for reductions, norms, factor in passes:
             if not bool(torch.isfinite(norms).all()):
                 if self.on_nonfinite == "raise" and not overflow and not self.distributed:
                     raise nonfinite_norms_error(norms)
@@ -155,6 +177,53 @@ class ENGMOptimizer(DPOptimizer):
             )
             self._verify_against_grads(layer_reductions, own, reduced_precision)
             self.verify_steps -= 1
+
+    def _accumulate_weighted_passes(
+        self, records: List[BackwardRecord], own: Set[nn.Parameter], grad_scale: float, overflow: bool
+    ) -> None:
+        """Fast path: every pass that reached the parameters had its rows scaled by ``w_i``; ``p.grad`` is the sum."""
+        unweighted = [record for record in records if record.weighted_rows is None and record.accumulated]
+        if unweighted:
+            raise RuntimeError(
+                "A backward pass accumulated into p.grad without going through a training forward whose rows ENGM "
+                "weighted (input-norm variant, input_grad_source='attack'): a forward on an input that requires grad "
+                "counts as an attack's, and its backward is not weighted. The ENGM update would be wrong. Fix: detach "
+                "the training input (x_adv.detach()), clear gradients after a loss.backward() attack with "
+                "optimizer.zero_grad(), or use input_grad_source='backward'."
+            )
+        for record in records:
+            if record.weighted_rows is not None:
+                self._norms.append(record.estimated_norms)
+                finite = bool(torch.isfinite(record.estimated_norms).all())
+                if not finite and self.on_nonfinite == "raise" and not overflow and not self.distributed:
+                    raise nonfinite_norms_error(record.estimated_norms)
+        for p in own:
+            if p.grad is not None:
+                contribution = p.grad.detach() / grad_scale
+                p.summed_grad = contribution if p.summed_grad is None else p.summed_grad + contribution
+
+    def _fast_path_weights(self, attack_norms: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(w_i * B, s m_i)`` (``w_i`` alone for a sum-reduced loss) for a training forward's ``B`` rows:
+        its output gradient scaled by them makes ``p.grad = sum_i w_i grad l_i``."""
+        estimates = self.estimator.estimate(attack_norms)
+        if self.auto_gamma is not None and not self.auto_gamma.ready:
+            self._set_auto_gamma(estimates)
+        rows = len(attack_norms) if self.module.loss_reduction == "mean" else 1
+        return engm_weights(estimates, self.gamma) * rows, estimates
+
+    def _set_auto_gamma(self, current: torch.Tensor) -> None:
+        """``gamma="auto"``: the running quantile of past norms (this step's on the first step, global under DDP)."""
+        if not self.auto_gamma.ready and self.distributed:
+            (current,) = gather_examples((current.double(),))
+        self.max_grad_norm = self.auto_gamma.value(current)
+
+    def _arm_next_step(self) -> None:
+        """Choose how the coming step's backward passes are handled: recorded (exact norms, calibration) or the
+        input-norm fast path (weights fixed at the training forward from the attack's last input gradient)."""
+        estimator = self.estimator
+        fast = estimator is not None and self.module.input_grad_source == "attack" and not estimator.calibrating
+        self.module.recording = not fast
+        self.module.row_weights = self._fast_path_weights if fast else None
 
     def _verify_against_grads(
         self, reductions: List[Tuple[LayerReduction, int]], own: Set[nn.Parameter], reduced_precision: bool
@@ -188,7 +257,12 @@ class ENGMOptimizer(DPOptimizer):
     ) -> torch.Tensor:
         """``[B]`` norms of one backward pass: exact, or the input-norm estimate (exact when calibrating)."""
         estimator = self.estimator
-        input_norms = None if estimator is None else estimator.input_norms(record.input_grads, factor)
+        input_norms = None
+        if estimator is not None:
+            if self.module.input_grad_source == "attack":
+                input_norms = estimator.attack_norms(record.attack_input_norms)
+            else:
+                input_norms = estimator.input_norms(record.input_grads, factor)
         if estimator is not None and not estimator.calibrating:
             return estimator.estimate(input_norms)
         squared: Optional[torch.Tensor] = None
@@ -252,6 +326,7 @@ class ENGMOptimizer(DPOptimizer):
         self.accumulate(grad_scale, overflow)
         if self._check_skip_next_step():
             self._is_last_step_skipped = True
+            self._arm_next_step()
             return False
         self._is_last_step_skipped = False
         local = torch.cat([n.to(self._norms[0].device) for n in self._norms]) if self._norms else torch.zeros(0)
@@ -269,8 +344,11 @@ class ENGMOptimizer(DPOptimizer):
                 if p.summed_grad is not None:
                     p.grad = (p.summed_grad / examples).view_as(p).to(p.dtype)
         self.last_step = self._stats(local, skipped)
+        if self.auto_gamma is not None and len(local):
+            self.auto_gamma.update(gather_examples((local.double(),))[0] if self.distributed else local)
         if self.estimator is not None:
             self.estimator.steps += 1
+        self._arm_next_step()
         return not skipped
 
     def _amp_state(self) -> Tuple[float, bool]:
@@ -301,7 +379,32 @@ class ENGMOptimizer(DPOptimizer):
             scale=None if self.estimator is None else self.estimator.scale,
             calibrated=bool(self._calibration_errors),
             calibration_error=errors[-1] if errors else None,
+            gamma=self.gamma,
         )
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The wrapped optimizer's ``state_dict`` plus ``"engm"``: the floor, the input-norm scale and step count,
+        and ``gamma="auto"``'s window, so that a resumed run continues exactly."""
+        state = super().state_dict()
+        state["engm"] = {
+            "gamma": self.max_grad_norm,
+            "estimator": None if self.estimator is None else self.estimator.state_dict(),
+            "auto_gamma": None if self.auto_gamma is None else self.auto_gamma.state_dict(),
+        }
+        return state
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load :meth:`state_dict` (a plain ``torch.optim`` state dict loads too, leaving ENGM's own state as it is)."""
+        engm = state_dict.get("engm")
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "engm"})
+        if engm is None:
+            return
+        self.max_grad_norm = engm["gamma"]
+        if self.estimator is not None and engm["estimator"] is not None:
+            self.estimator.load_state_dict(engm["estimator"])
+        if self.auto_gamma is not None and engm["auto_gamma"] is not None:
+            self.auto_gamma.load_state_dict(engm["auto_gamma"])
+        self._arm_next_step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear ``p.grad`` and the module's records; the running sums too unless the last step was skipped."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -45,6 +45,14 @@ class InputNormEstimator:
         self.steps = 0
         self.last_calibration_error: Optional[float] = None
 
+    def state_dict(self) -> Dict[str, Any]:
+        """``scale``, ``steps`` and the last calibration error (checkpoints)."""
+        return {"scale": self.scale, "steps": self.steps, "last_calibration_error": self.last_calibration_error}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.scale, self.steps, self.last_calibration_error = state["scale"], state["steps"], state["last_calibration_error"]
+
     @property
     def calibrating(self) -> bool:
         """Whether the coming step computes exact norms and refits ``s``."""
@@ -61,6 +69,17 @@ class InputNormEstimator:
             )
         squared = sum(g.reshape(len(g), -1).double().square().sum(1) for g in input_grads)
         return factor * squared.sqrt()
+
+    @staticmethod
+    def attack_norms(norms: Optional[torch.Tensor]) -> torch.Tensor:
+        """``[B]`` ``m_i`` read from the attack's last input gradient (``input_grad_source="attack"``)."""
+        if norms is None:
+            raise RuntimeError(
+                "The input-norm variant (input_grad_source='attack') found no attack input gradient for a backward "
+                "pass that reached the parameters. Fix: run the attack through the model make_engm returned, "
+                "or use input_grad_source='backward'."
+            )
+        return norms
 
     def estimate(self, input_norms: torch.Tensor) -> torch.Tensor:
         """``s * m_i``."""

@@ -18,7 +18,7 @@ norms and the weighted gradient at ``step()``.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Literal, Mapping, Optional, Set, Tuple
 
 import torch
 from opacus.grad_sample import GradSampleModule
@@ -58,6 +58,11 @@ def unsupported_layers_error(model: nn.Module) -> ValueError | None:
         "opacus.grad_sample.register_grad_sampler)."
     )
 
+
+InputGradSource = Literal["backward", "attack"]
+INPUT_GRAD_SOURCES = ("backward", "attack")
+RowWeights = Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
+"""The fast path's ``[B]`` attack input-gradient norms -> ``([B] output-gradient factors, [B] estimated norms)``."""
 
 SAVED_INPUT = {
     "ConvolutionBackward0": "_saved_input",
@@ -104,11 +109,22 @@ class ENGMModule(GradSampleModule):
             :func:`unsupported_layers_error`).
         loss_reduction: ``"mean"`` (the loss of each backward is the mean over its rows, as
             ``CrossEntropyLoss()`` and the AT reference codes compute it) or ``"sum"``.
-        record_input_grads: also record the gradient w.r.t. the model's floating-point
-            positional inputs (the input-norm variant).
+        input_grad_source: what the input-norm variant reads: ``"backward"`` records the gradient
+            of the training loss w.r.t. the model's floating-point positional inputs;
+            ``"attack"`` keeps the per-row norms of the last input gradient an attack computed
+            (a forward whose input requires grad) and hands them to the training forward that
+            follows (a forward whose inputs do not); ``None`` (exact ENGM): neither.
+
+    Attributes:
+        recording: record layer calls (``False`` on the input-norm fast path's steps, where no
+            per-example quantity beyond the input-gradient norms is needed).
+        row_weights: on the fast path, maps the attack's ``[B]`` input-gradient norms to
+            ``(factors, estimated norms)``; a training forward's output gradient is scaled row by
+            row by ``factors`` in every backward pass that reaches the parameters, so ``p.grad``
+            accumulates ``sum_i w_i grad l_i`` directly. Set by the optimizer.
     """
 
-    def __init__(self, m: nn.Module, *, loss_reduction: str = "mean", record_input_grads: bool = False):
+    def __init__(self, m: nn.Module, *, loss_reduction: str = "mean", input_grad_source: Optional[InputGradSource] = None):
         error = unsupported_layers_error(m)
         if error is not None:
             raise error
@@ -116,9 +132,14 @@ class ENGMModule(GradSampleModule):
         self._accumulated: Set[nn.Parameter] = set()
         self._accumulators: Dict[nn.Parameter, Any] = {}
         super().__init__(m, batch_first=True, loss_reduction=loss_reduction, strict=False)
-        self.record_input_grads = record_input_grads
+        if input_grad_source not in (None, *INPUT_GRAD_SOURCES):
+            raise ValueError(f"input_grad_source must be one of {', '.join(INPUT_GRAD_SOURCES)}, got {input_grad_source!r}.")
+        self.input_grad_source = input_grad_source
+        self.recording = True
+        self.row_weights: Optional[RowWeights] = None
+        self._attack_input_norms: Optional[torch.Tensor] = None
         self._accumulate_handles = [
-            p.register_post_accumulate_grad_hook(self._accumulated.add) for p in m.parameters() if p.requires_grad
+            p.register_post_accumulate_grad_hook(self._on_accumulate) for p in m.parameters() if p.requires_grad
         ]
 
     def add_hooks(self, *, loss_reduction: str = "mean", batch_first: bool = True, force_functorch: bool = False) -> None:
@@ -143,23 +164,90 @@ class ENGMModule(GradSampleModule):
         self._accumulate_handles = []
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """The plain model's forward; with ``record_input_grads``, float inputs also report their gradient."""
-        if self.record_input_grads and self.hooks_enabled and torch.is_grad_enabled():
-            args = tuple(self._tap_input(a) for a in args)
-        return self._module(*args, **kwargs)
+        """The plain model's forward; for the input-norm variant, inputs or outputs also get gradient hooks.
 
-    def _tap_input(self, value: Any) -> Any:
+        ``input_grad_source="backward"``: float inputs report the training loss's input gradient.
+        ``"attack"``: a forward whose first float input requires grad is an attack's, and reports
+        the per-row norms of its input gradient; any other forward is a training forward, whose
+        output is hooked to pair its backward with the last attack norms (and, on the fast path,
+        to scale its rows by ``w_i``).
+        """
+        if self.input_grad_source is None or not self.hooks_enabled or not torch.is_grad_enabled():
+            return self._module(*args, **kwargs)
+        if self.input_grad_source == "backward":
+            return self._module(*(self._tap_input(a, self._capture_input_grad) for a in args), **kwargs)
+        first = next((a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
+        if first is not None and first.requires_grad:
+            return self._module(*(self._tap_input(a, self._capture_attack_grad) if a is first else a for a in args), **kwargs)
+        output = self._module(*args, **kwargs)
+        if first is not None:
+            self._hook_training_output(output, len(first))
+        return output
+
+    def _tap_input(self, value: Any, hook: Callable[[torch.Tensor], None]) -> Any:
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             return value
         tapped = value.view_as(value) if value.requires_grad else value.detach().requires_grad_(True)
         if tapped.is_leaf:
             tapped = tapped.view_as(tapped)  # a hook on a non-leaf is dropped with its graph
-        tapped.register_hook(self._capture_input_grad)
+        tapped.register_hook(hook)
         return tapped
 
     def _capture_input_grad(self, grad: torch.Tensor) -> None:
-        if self.hooks_enabled and any(will_accumulate(self._accumulator(p)) for p in self._trainable()):
+        if self.hooks_enabled and self._reaches_parameters():
             self._current_record().input_grads.append(grad.detach())
+
+    def _capture_attack_grad(self, grad: torch.Tensor) -> None:
+        """Keep ``||dL_attack/dx_i||_2`` per row of the latest attack gradient (overwriting the previous one)."""
+        if self.hooks_enabled:
+            self._attack_input_norms = torch.linalg.vector_norm(grad.detach().flatten(1).double(), dim=1)
+
+    def _hook_training_output(self, output: Any, rows: int) -> None:
+        """Pair this training forward with the last attack norms; on the fast path fix its weights now."""
+        fast = self.row_weights is not None
+        if not isinstance(output, torch.Tensor):
+            if fast:
+                raise TypeError(
+                    f"The model returned a {type(output).__name__}; the input-norm variant with input_grad_source='attack' "
+                    "scales the rows of the model's output gradient and needs one output tensor. Fix: return the logits "
+                    "tensor, or use input_grad_source='backward'."
+                )
+            return
+        if not output.requires_grad:
+            return
+        norms = self._attack_input_norms
+        paired = norms if norms is not None and len(norms) == rows else None
+        factors, estimates = self.row_weights(paired) if fast and paired is not None else (None, None)
+        output.register_hook(partial(self._training_backward_hook, paired, factors, estimates, rows))
+
+    def _training_backward_hook(
+        self, norms: Optional[torch.Tensor], factors: Optional[torch.Tensor], estimates: Optional[torch.Tensor], rows: int,
+        grad: torch.Tensor,
+    ) -> Optional[torch.Tensor]:
+        if not self.hooks_enabled or not self._reaches_parameters():
+            return None
+        if norms is None:
+            raise RuntimeError(
+                f"A training forward on {rows} rows reached the parameters, but no attack input gradient on {rows} rows "
+                "came before it. input_grad_source='attack' reuses the attack's last input gradient (a forward of "
+                "the wrapped model on an input that requires grad, differentiated w.r.t. that input). Fix: run the attack "
+                "through the model make_engm returned, on the same rows, or use input_grad_source='backward'."
+            )
+        record = self._current_record()
+        record.attack_input_norms = norms
+        if factors is None:
+            return None
+        record.weighted_rows, record.estimated_norms = rows, estimates
+        return grad * factors.to(device=grad.device, dtype=grad.dtype).view(-1, *(1,) * (grad.dim() - 1))
+
+    def _on_accumulate(self, p: torch.Tensor) -> None:
+        self._accumulated.add(p)
+        if self.row_weights is not None:
+            self._current_record().accumulated = True
+
+    def _reaches_parameters(self) -> bool:
+        """Whether the running backward pass accumulates into some trainable parameter's ``.grad``."""
+        return any(will_accumulate(self._accumulator(p)) for p in self._trainable())
 
     def capture_activations_hook(self, module: nn.Module, forward_input: Tuple[Any, ...], forward_output: Any) -> None:
         """At a forward with gradients on: hook the call's output tensor; keep its inputs unless autograd keeps them.
@@ -169,7 +257,7 @@ class ENGMModule(GradSampleModule):
         nothing is kept here: the backward hook reads it from that node, so a backward that does not
         reach the parameters (an attack) frees it as plain autograd does.
         """
-        if not self.hooks_enabled or not torch.is_grad_enabled():
+        if not self.recording or not self.hooks_enabled or not torch.is_grad_enabled():
             return
         if not isinstance(forward_output, torch.Tensor) or not forward_output.requires_grad:
             return

@@ -68,12 +68,23 @@ class BackwardRecord:
             Embedding, ...), ``dL/dp^(i)`` summed over its calls, computed as each call's backward
             ran so that the call's inputs and output gradient were freed at once.
         input_grads: gradients of the loss w.r.t. the model's floating-point inputs (recorded only
-            for the input-norm variant).
+            for the input-norm variant with ``input_grad_source="backward"``).
+        attack_input_norms: ``[B]`` per-row norms of the last attack input gradient before this pass's
+            training forward (input-norm variant, ``input_grad_source="attack"``).
+        weighted_rows: ``B`` when this pass's output gradients were scaled by the weights
+            ``w_i`` fixed at the training forward (the input-norm fast path); ``None`` otherwise.
+        estimated_norms: ``[B]`` the estimates ``s m_i`` those weights came from (fast path).
+        accumulated: the pass accumulated into some ``p.grad`` (tracked on the fast path, where
+            no layer call is recorded).
     """
 
     calls: Dict[nn.Module, List[LayerCall]] = field(default_factory=dict)
     per_example: Dict[nn.Module, Dict[nn.Parameter, torch.Tensor]] = field(default_factory=dict)
     input_grads: List[torch.Tensor] = field(default_factory=list)
+    attack_input_norms: Optional[torch.Tensor] = None
+    weighted_rows: Optional[int] = None
+    estimated_norms: Optional[torch.Tensor] = None
+    accumulated: bool = False
 
     def add(self, call: LayerCall) -> None:
         """Append a completed call."""
@@ -97,6 +108,8 @@ class BackwardRecord:
         sizes = {len(_first_tensor(call.activations)) for calls in self.calls.values() for call in calls}
         sizes |= {len(g) for grads in self.per_example.values() for g in grads.values()}
         sizes |= {len(g) for g in self.input_grads}
+        if self.attack_input_norms is not None:
+            sizes.add(len(self.attack_input_norms))
         if len(sizes) != 1:
             raise batch_size_error(sizes)
         return sizes.pop()

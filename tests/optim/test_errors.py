@@ -42,7 +42,7 @@ def test_unknown_variant_and_reduction_are_refused() -> None:
         make_engm(model, torch.optim.SGD(model.parameters(), lr=0.1), gamma=1.0, variant="cheap")
     with pytest.raises(ValueError, match="loss_reduction"):
         make_engm(model, torch.optim.SGD(model.parameters(), lr=0.1), gamma=1.0, loss_reduction="none")
-    with pytest.raises(ValueError, match="input_norm_scale applies to variant='input-norm'"):
+    with pytest.raises(ValueError, match="input_norm_scale and input_grad_source apply to variant='input-norm'"):
         make_engm(model, torch.optim.SGD(model.parameters(), lr=0.1), gamma=1.0, input_norm_scale=2.0)
 
 
