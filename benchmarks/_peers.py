@@ -136,18 +136,27 @@ def msgd(norm: str, width: int, x: Tensor, y: Tensor) -> Row:
     return plain_row(model, sgd(model), x, y)
 
 
-def engm(norm: str, width: int, x: Tensor, y: Tensor, variant: str = "exact") -> Row:
-    """``make_engm(model, SGD(...), gamma=1.0, variant=...)`` and the unchanged user script."""
+def engm(norm: str, width: int, x: Tensor, y: Tensor, **options: object) -> Row:
+    """``make_engm(model, SGD(...), gamma=1.0, **options)`` and the unchanged user script."""
     try:
         from engm_opacus import make_engm
     except ImportError as error:  # pragma: no cover - only before the core exists
         raise NotApplicable(f"engm_opacus.make_engm unavailable: {error}") from error
     model = PreActResNet18(norm, width).to(x.device)
-    kwargs = {} if variant == "exact" else {"variant": variant}
-    wrapped, optimizer = make_engm(model, sgd(model), gamma=GAMMA, **kwargs)
+    wrapped, optimizer = make_engm(model, sgd(model), gamma=GAMMA, **options)
     row = plain_row(wrapped, optimizer, x, y)
-    row.note = "1 backward (the user's)" + ("" if variant == "exact" else "; exact norms on every 10th step")
+    row.note = NOTES.get(tuple(sorted(options)), "1 backward (the user's)")
     return row
+
+
+INPUT_NORM_SCALE = 30.0
+"""A fixed input-norm scale for the rows timing non-calibration steps only (its value does not change the cost)."""
+INPUT_NORM = {"variant": "input-norm"}
+NOTES = {
+    ("input_grad_source", "input_norm_scale", "variant"): "attack's last input gradient; weights before the backward; no calibration",
+    ("calibrate_every", "input_grad_source", "variant"): "a calibration step (exact norms + book-keeping)",
+    ("input_norm_scale", "variant"): "training loss's input gradient; book-keeping weighted gradient",
+}
 
 
 def opacus_ghost(norm: str, width: int, x: Tensor, y: Tensor) -> Row:
@@ -291,7 +300,13 @@ def functorch(norm: str, width: int, x: Tensor, y: Tensor) -> Row:
 BUILDERS: Dict[str, Callable[[str, int, Tensor, Tensor], Row]] = {
     "msgd": msgd,
     "engm": engm,
-    "engm-input-norm": lambda norm, width, x, y: engm(norm, width, x, y, variant="input-norm"),
+    "engm-input-norm": lambda norm, width, x, y: engm(
+        norm, width, x, y, **INPUT_NORM, input_grad_source="attack", input_norm_scale=INPUT_NORM_SCALE
+    ),
+    "engm-input-norm-calibration": lambda norm, width, x, y: engm(
+        norm, width, x, y, **INPUT_NORM, input_grad_source="attack", calibrate_every=1
+    ),
+    "engm-input-norm-backward": lambda norm, width, x, y: engm(norm, width, x, y, **INPUT_NORM, input_norm_scale=INPUT_NORM_SCALE),
     "opacus-ghost": opacus_ghost,
     "backpack": backpack_l2,
     "functorch": functorch,
@@ -299,7 +314,9 @@ BUILDERS: Dict[str, Callable[[str, int, Tensor, Tensor], Row]] = {
 LABELS: Dict[str, str] = {
     "msgd": "MSGD",
     "engm": "ENGM (exact)",
-    "engm-input-norm": "ENGM (input-norm)",
+    "engm-input-norm": "ENGM (input-norm), step",
+    "engm-input-norm-calibration": "ENGM (input-norm), calibration step",
+    "engm-input-norm-backward": "ENGM (input-norm), backward source",
     "opacus-ghost": "Opacus ghost",
     "backpack": "BackPACK BatchL2Grad",
     "functorch": "torch.func",

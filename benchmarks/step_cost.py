@@ -8,7 +8,14 @@ Methods (``--methods``; rows are built in ``benchmarks/_peers.py``):
 
 * ``msgd``: ``torch.optim.SGD(lr, momentum 0.9, weight_decay 5e-4)`` (the baseline);
 * ``engm``: ``make_engm(model, SGD(...), gamma=1.0)`` and the unchanged script (one backward);
-* ``engm-input-norm``: ``make_engm(..., variant="input-norm")``;
+* ``engm-input-norm``: ``make_engm(..., variant="input-norm", input_grad_source="attack")`` on its
+  non-calibration steps (a fixed scale, so every timed step is one): the weights come from the
+  attack's last input gradient and scale the training forward's output-gradient rows;
+* ``engm-input-norm-calibration``: the same with ``calibrate_every=1``: every step a calibration
+  step (exact norms, book-keeping weighted gradient). The line under the table amortizes the two
+  over the default ``calibrate_every`` (10): ``(calibration + 9 x non-calibration) / 10``;
+* ``engm-input-norm-backward``: ``input_grad_source="backward"`` (the training loss's own input
+  gradient, any loss), fixed scale: the weighted gradient is computed at ``step()``;
 * ``opacus-ghost``: Opacus fast gradient clipping, noise 0, ``max_grad_norm=gamma`` (two backwards);
 * ``backpack``: BackPACK ``BatchL2Grad`` norms in the training backward + a backward of ``sum_i w_i l_i / B``;
 * ``functorch``: ``torch.func`` ``vmap(grad)`` per-example gradients, norms, weighted sum.
@@ -277,6 +284,25 @@ def print_table(rows: List[dict], title: str) -> None:
     Console(width=200).print(table)
 
 
+CALIBRATE_EVERY = 10
+"""``make_engm``'s default ``calibrate_every``: the amortization period of the input-norm variant's calibration steps."""
+
+
+def amortize(rows: List[dict]) -> List[str]:
+    """Per model: the input-norm variant's time ratio over ``CALIBRATE_EVERY`` steps (one calibration step)."""
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        ratio = {r["method"]: r.get("time_ratio") for r in rows if r["model"] == model}
+        fast, calibration = ratio.get("engm-input-norm"), ratio.get("engm-input-norm-calibration")
+        if fast is not None and calibration is not None:
+            value = (calibration + (CALIBRATE_EVERY - 1) * fast) / CALIBRATE_EVERY
+            lines.append(
+                f"{peers.MODEL_LABELS[model]}: ENGM (input-norm) amortized over calibrate_every={CALIBRATE_EVERY}: "
+                f"{value:.3f}x MSGD (step {fast:.3f}x, calibration step {calibration:.3f}x)"
+            )
+    return lines
+
+
 def write_json(path: Path, payload: dict) -> None:
     """Write ``payload`` to ``path`` atomically (temporary file in the same folder, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -324,6 +350,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
     title = (f"PGD-10 AT step, PreAct ResNet-18 width {args.width}, batch {args.batch}, 3x32x32, {where}; "
              f"median of {args.repeats} rotated round-robin rounds after {args.warmup} warm-up; memory: {memory}")
     print_table(rows, title)
+    amortized = amortize(rows)
+    for line in amortized:
+        print(line)
     payload = {
         "title": title,
         "command": [Path(sys.argv[0]).name if argv is None else "step_cost.py", *(sys.argv[1:] if argv is None else argv)],
@@ -331,6 +360,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         "machine": machine(device),
         "load_average": {"before": load_before, "after": os.getloadavg()},
         "rows": rows,
+        "amortized": amortized,
     }
     print(f"load average before {load_before[0]:.2f}, after {payload['load_average']['after'][0]:.2f}")
     if args.output is not None:

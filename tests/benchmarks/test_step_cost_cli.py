@@ -25,7 +25,7 @@ def load_step_cost():
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
     [
-        ("--methods", "msgd,engm,ghost", "unknown methods 'ghost'; known methods: msgd, engm, engm-input-norm, opacus-ghost, backpack, functorch"),
+        ("--methods", "msgd,engm,ghost", "unknown methods 'ghost'; known methods: msgd, engm, engm-input-norm, engm-input-norm-calibration, engm-input-norm-backward, opacus-ghost, backpack, functorch"),
         ("--models", "preact18-gn,small-cnn", "unknown models 'small-cnn'; known models: preact18-bn, preact18-gn"),
     ],
 )
@@ -51,3 +51,16 @@ def test_tiny_run_times_and_measures_msgd_and_engm_on_groupnorm(tmp_path, capsys
         assert row["median_s"] > 0 and row["peak_bytes"] > 0, row["note"]
         assert not row["note"].startswith(("error", "n/a")), row["note"]
     assert rows["msgd"]["time_ratio"] == 1.0 and rows["msgd"]["memory_ratio"] == 1.0
+
+
+def test_input_norm_rows_and_their_amortized_ratio(capsys):
+    argv = ["--methods", "engm-input-norm,engm-input-norm-calibration,engm-input-norm-backward", "--models", "preact18-bn"]
+    argv += ["--width", "4", "--batch", "4", "--repeats", "1", "--threads", "1", "--no-memory"]
+    payload = load_step_cost().main(argv)
+    ratio = {r["method"]: r["time_ratio"] for r in payload["rows"]}
+    expected = (ratio["engm-input-norm-calibration"] + 9 * ratio["engm-input-norm"]) / 10
+    assert payload["amortized"] == [
+        f"PreAct ResNet-18, BatchNorm: ENGM (input-norm) amortized over calibrate_every=10: {expected:.3f}x MSGD "
+        f"(step {ratio['engm-input-norm']:.3f}x, calibration step {ratio['engm-input-norm-calibration']:.3f}x)"
+    ]
+    assert payload["amortized"][0] in capsys.readouterr().out
