@@ -206,7 +206,7 @@ class ENGMOptimizer(DPOptimizer):
         """``(w_i * B, s m_i)`` (``w_i`` alone for a sum-reduced loss) for a training forward's ``B`` rows:
         its output gradient scaled by them makes ``p.grad = sum_i w_i grad l_i``."""
         estimates = self.estimator.estimate(attack_norms)
-        if self.auto_gamma is not None and not self.auto_gamma.ready:
+        if self.auto_gamma is not None:
             self._set_auto_gamma(estimates)
         rows = len(attack_norms) if self.module.loss_reduction == "mean" else 1
         return engm_weights(estimates, self.gamma) * rows, estimates
