@@ -19,7 +19,7 @@ from engm_opacus.experiments.bench_runs import RunSpec, run_name
 from engm_opacus.experiments.bench_select import (
     COLLAPSE_FACTOR, collapse_threshold, gamma_verdict, is_collapsed, paired_test, select_lrs, sign_flip_test,
 )
-from engm_opacus.experiments.benchmark import BenchConfig, plan_sizes
+from engm_opacus.experiments.benchmark import BenchConfig, estimate_text, plan_sizes
 from engm_opacus.training.config import TrainConfig
 
 NAN = float("nan")
@@ -149,6 +149,8 @@ def test_cli_defaults_are_the_full_protocol_and_quick_is_small():
     assert full.base.pgd_steps == 10 and full.base.test_pgd_steps == 20 and full.autoattack_examples is None and full.jobs == 2
     assert tuple(full.seeds) == (0, 1, 2, 3, 4) and full.tuning_seed == 1000 and tuple(full.gamma_study) == (0.25, 4.0, "auto")
     assert plan_sizes(full) == {"tune": 4 * 3 * 5, "final": 4 * 3 * 5, "gamma": 3 * 5}
+    estimate = estimate_text(full, plan_sizes(full), 1257, 180, 360)
+    assert "60 tuning runs" in estimate and "135 runs in all" in estimate and "120 evaluations (last and best) on 360 test examples" in estimate
     quick = bench_config_from_args(parser.parse_args(["--quick"]))
     assert quick.quick and quick.base.epochs == 2 and len(quick.seeds) == 2 and len(quick.lr_grid_engm) == 2 and quick.autoattack_examples == 8
     custom = bench_config_from_args(parser.parse_args(
