@@ -126,15 +126,25 @@ def _failed_row(spec: RunSpec, config: TrainConfig, error: BaseException) -> Dic
     return row
 
 
+def finished_row(spec: RunSpec, runs_dir: str) -> Optional[Dict[str, Any]]:
+    """The stored row of a finished run (``bench.json`` with the same config and AutoAttack budget), else ``None``."""
+    run_dir = Path(runs_dir) / run_name(spec)
+    bench_file = run_dir / "bench.json"
+    if bench_file.exists():
+        stored = json.loads(bench_file.read_text())
+        if stored.get("autoattack_examples") == spec.autoattack_examples and _stored_config_matches(stored, replace(spec.config, out_dir=str(run_dir))):
+            return {**stored["row"], "reused": True}
+    return None
+
+
 def run_one(spec: RunSpec, runs_dir: str) -> Dict[str, Any]:
     """Train (or reuse / resume) one run and return its row; ``reused`` says whether nothing had to be computed."""
+    finished = finished_row(spec, runs_dir)
+    if finished is not None:
+        return finished
     run_dir = Path(runs_dir) / run_name(spec)
     config = replace(spec.config, out_dir=str(run_dir))
     bench_file, result_file, last = run_dir / "bench.json", run_dir / "result.json", run_dir / "last.pt"
-    if bench_file.exists():
-        stored = json.loads(bench_file.read_text())
-        if stored.get("autoattack_examples") == spec.autoattack_examples and _stored_config_matches(stored, config):
-            return {**stored["row"], "reused": True}
     row = _base_row(spec, config)
     result = json.loads(result_file.read_text()) if result_file.exists() else None
     try:
@@ -172,13 +182,20 @@ def run_many(specs: Sequence[RunSpec], runs_dir: str, jobs: int, console: Consol
             rows[index] = row
             progress.update(task, advance=1, description=f"{row['method']} {row['optimizer']} lr {row['lr']:g} seed {row['seed']}")
 
-        if jobs == 1 or len(specs) <= 1:
-            for index, spec in enumerate(specs):
-                store(index, run_one(spec, runs_dir))
+        todo = []
+        for index, spec in enumerate(specs):  # finished runs are read here, without starting a process
+            finished = finished_row(spec, runs_dir)
+            if finished is not None:
+                store(index, finished)
+            else:
+                todo.append(index)
+        if jobs == 1 or len(todo) <= 1:
+            for index in todo:
+                store(index, run_one(specs[index], runs_dir))
         else:
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init) as pool:
-                futures = {pool.submit(run_one, spec, runs_dir): index for index, spec in enumerate(specs)}
+                futures = {pool.submit(run_one, specs[index], runs_dir): index for index in todo}
                 for future in as_completed(futures):
                     store(futures[future], future.result())
     return [row for row in rows if row is not None]
