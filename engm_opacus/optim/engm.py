@@ -27,6 +27,7 @@ from torch import nn
 
 from engm_opacus.functional import GammaSetting, engm_weights, nonfinite_norms_error, validate_gamma, validate_gamma_setting
 from engm_opacus.optim.auto_gamma import AutoGamma
+from engm_opacus.optim.checks import check_coverage, verify_against_grads
 from engm_opacus.optim.distributed import all_reduce_sums, data_parallel_world, gather_examples
 from engm_opacus.optim.input_norm import InputNormEstimator
 from engm_opacus.optim.stats import ENGMStepStats
@@ -34,10 +35,6 @@ from engm_opacus.per_example import BackwardRecord, ENGMModule, LayerReduction, 
 from engm_opacus.per_example.rules.base import PerExampleGrads
 
 NonFinitePolicy = Literal["raise", "skip"]
-
-VERIFY_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
-"""Tolerance of the first-step check, relative to the norm of the whole ``p.grad``, per dtype; ``5e-2`` when the backward ran in
-reduced precision (autocast): ``p.grad`` then comes from bf16/fp16 products, ENGM's sums from fp32."""
 
 REDUCED_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -144,7 +141,7 @@ class ENGMOptimizer(DPOptimizer):
         if self.module.row_weights is not None:
             self._accumulate_weighted_passes(records, own, grad_scale, overflow)
             return
-        self._check_coverage(records, accumulated & own)
+        check_coverage(records, accumulated & own, own, self._parameter_names())
         reduce_mean = self.module.loss_reduction == "mean"
         layer_reductions: List[Tuple[LayerReduction, int]] = []
         passes: List[Tuple[Dict[nn.Module, LayerReduction], torch.Tensor, float]] = []
@@ -175,7 +172,7 @@ class ENGMOptimizer(DPOptimizer):
             reduced_precision = any(
                 call.backprops.dtype in REDUCED_PRECISION for record in records for calls in record.calls.values() for call in calls
             )
-            self._verify_against_grads(layer_reductions, own, reduced_precision)
+            verify_against_grads(layer_reductions, own, reduced_precision, self._parameter_names())
             self.verify_steps -= 1
 
     def _accumulate_weighted_passes(
@@ -225,33 +222,6 @@ class ENGMOptimizer(DPOptimizer):
         self.module.recording = not fast
         self.module.row_weights = self._fast_path_weights if fast else None
 
-    def _verify_against_grads(
-        self, reductions: List[Tuple[LayerReduction, int]], own: Set[nn.Parameter], reduced_precision: bool
-    ) -> None:
-        """Raise if ``sum_i dL/dtheta^(i)`` over the records differs from ``p.grad`` (module docstring of
-        :mod:`engm_opacus.per_example`: the per-example gradients of a backward sum to its gradient)."""
-        totals: Dict[nn.Parameter, torch.Tensor] = {}
-        for reduction, rows in reductions:
-            for p, grad in reduction.weighted_grads(torch.ones(rows)).items():
-                totals[p] = grad if p not in totals else totals[p] + grad
-        names = self._parameter_names()
-        compared = [(p, total, p.grad.to(total.dtype)) for p, total in totals.items() if p in own and p.grad is not None]
-        scale = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for _, _, g in compared]))) if compared else 0.0
-        tolerance = 5e-2 if reduced_precision else VERIFY_TOLERANCE.get(compared[0][2].dtype, 5e-2) if compared else 0.0
-        mismatched = [
-            f"{names.get(p, '?')} (error {float(torch.linalg.vector_norm(total - grad)) / (scale + 1e-30):.2g} of ||p.grad||)"
-            for p, total, grad in compared
-            if float(torch.linalg.vector_norm(total - grad)) > tolerance * scale
-        ]
-        if mismatched:
-            raise RuntimeError(
-                f"The per-example gradients ENGM recorded do not sum to p.grad for {mismatched[:5]}: part of these "
-                "parameters' gradient came from outside their layer's forward (tied weights, F.linear(x, layer.weight), "
-                "a gradient set or cleared by hand between backward() and step()). The ENGM update would be wrong. "
-                "Fix: use each parameter only through its own layer's forward, and clear gradients only with the "
-                "returned optimizer's or model's zero_grad()."
-            )
-
     def _norms_of(
         self, record: BackwardRecord, reductions: Dict[nn.Module, LayerReduction], factor: float, own: Set[nn.Parameter]
     ) -> torch.Tensor:
@@ -279,25 +249,6 @@ class ENGMOptimizer(DPOptimizer):
             estimator.calibrate(*(gather_examples(pairs) if self.distributed else pairs))
             self._calibration_errors.append(estimator.last_calibration_error)
         return exact
-
-    def _check_coverage(self, records: List[BackwardRecord], accumulated: Set[nn.Parameter]) -> None:
-        """Raise if a gradient reached ``p.grad`` outside a recorded layer call, or records outlived ``p.grad``."""
-        recorded = {p for record in records for p in record.reached()}
-        names = self._parameter_names()
-        outside = [names.get(p, "?") for p in accumulated - recorded]
-        if outside:
-            raise RuntimeError(
-                f"Parameters {outside[:5]} received gradient outside their layer's forward (e.g. tied weights or "
-                "F.linear(x, layer.weight)), where ENGM cannot see per-example gradients; the update would be wrong. "
-                "Fix: use each parameter only through its own layer's forward."
-            )
-        cleared = [names.get(p, "?") for p in recorded & set(self.params) if p.grad is None]
-        if cleared:
-            raise RuntimeError(
-                f"p.grad of {cleared[:5]} was cleared after the backward pass, but not through optimizer.zero_grad() "
-                "or model.zero_grad() of the objects make_engm returned, so ENGM still holds that pass's per-example "
-                "data. Fix: clear gradients with the returned optimizer's or model's zero_grad()."
-            )
 
     def _parameter_names(self) -> Dict[nn.Parameter, str]:
         """Each parameter's name in the model, for error messages."""
