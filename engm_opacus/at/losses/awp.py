@@ -99,6 +99,7 @@ class AWP:
         self.inner = inner
         self.gamma_awp = float(gamma_awp)
         self.name = f"awp-{inner.name}"
+        self.attack_loss_is_training_loss = inner.attack_loss_is_training_loss
         self._pending: List[Tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []
 
     def weight_perturbation(

@@ -91,6 +91,9 @@ class AttackThenLoss(ABC):
     name: ClassVar[str] = ""
     attack_loss: ClassVar[AttackLoss] = "ce"
     start: ClassVar[StartKind] = "uniform"
+    attack_loss_is_training_loss: ClassVar[bool] = False
+    """Whether the attack maximizes the training loss itself (PGD-AT: CE at ``x_adv``), so that the attack's last input
+    gradient is a gradient of the training loss (what ``make_engm(..., input_grad_source="attack")`` reuses)."""
 
     def __init__(
         self,

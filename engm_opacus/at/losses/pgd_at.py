@@ -26,6 +26,7 @@ class PGDAT(AttackThenLoss):
     name = "pgd-at"
     attack_loss = "ce"
     start = "uniform"
+    attack_loss_is_training_loss = True
 
     def loss_at(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor) -> ATLossOutput:
         """``L = CE(f(x_adv), y)``, mean over the batch."""
