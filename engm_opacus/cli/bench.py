@@ -4,7 +4,7 @@ Runs :func:`engm_opacus.experiments.benchmark.run_benchmark` (``benchmarks/engm_
 the same command): per eps, AT method and optimizer a 5-point lr grid trained once on the tuning seed and
 scored on validation, then the selected lr with 5 seeds on the test split (clean, PGD-20, AutoAttack
 of the last and best checkpoint), and an ENGM gamma study. Default: the full protocol on digits at eps 0.2
-(30 epochs; hours on 2 CPU cores); ``--quick`` is a smoke test of a few minutes. Re-running with the same
+(20 epochs; about 1.5 hours on 2 CPU cores); ``--quick`` is a smoke test of a few minutes. Re-running with the same
 options reuses finished runs and resumes interrupted ones.
 """
 
@@ -43,8 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--seeds", nargs="+", type=int, help="final seeds (default: 0 1 2 3 4; quick: 0 1)")
     parser.add_argument("--gamma-study", nargs="*", type=gamma_value, help="ENGM gammas besides --gamma for PGD-AT, numbers or auto (default: 0.25 4 auto; none: no study)")
     parser.add_argument("--gamma", type=float, help="base ENGM gamma of the tuning and final runs (default: 1)")
-    parser.add_argument("--autoattack-examples", type=int, help="test examples for AutoAttack, 0 = off (default: the whole test split; quick: 8)")
-    parser.add_argument("--epochs", type=int, help="training epochs (default: 30; quick: 2)")
+    parser.add_argument("--autoattack-examples", type=int, help="test examples for AutoAttack, 0 = off, 360 or more = the whole digits test split (default: 100; quick: 8)")
+    parser.add_argument("--epochs", type=int, help="training epochs (default: 20; quick: 2)")
     parser.add_argument("--batch-size", type=int, help="mini-batch size (default: 64)")
     parser.add_argument("--max-train-examples", type=int, help="train on the first N training examples (default: all; quick: 256)")
     parser.add_argument("--max-val-examples", type=int, help="validate on the first N examples (default: all; quick: 64)")

@@ -145,12 +145,12 @@ def test_cli_refuses_unknown_names_listing_the_valid_ones(capsys):
 def test_cli_defaults_are_the_full_protocol_and_quick_is_small():
     parser = add_arguments(argparse.ArgumentParser())
     full = bench_config_from_args(parser.parse_args([]))
-    assert tuple(full.eps) == (0.2,) and full.base.epochs == 30 and full.base.batch_size == 64 and full.base.schedule == "piecewise"
-    assert full.base.pgd_steps == 10 and full.base.test_pgd_steps == 20 and full.autoattack_examples is None and full.jobs == 2
+    assert tuple(full.eps) == (0.2,) and full.base.epochs == 20 and full.base.batch_size == 64 and full.base.schedule == "piecewise"
+    assert full.base.pgd_steps == 10 and full.base.test_pgd_steps == 20 and full.autoattack_examples == 100 and full.jobs == 2
     assert tuple(full.seeds) == (0, 1, 2, 3, 4) and full.tuning_seed == 1000 and tuple(full.gamma_study) == (0.25, 4.0, "auto")
     assert plan_sizes(full) == {"tune": 4 * 3 * 5, "final": 4 * 3 * 5, "gamma": 3 * 5}
     estimate = estimate_text(full, plan_sizes(full), 1257, 180, 360)
-    assert "60 tuning runs" in estimate and "135 runs in all" in estimate and "120 evaluations (last and best) on 360 test examples" in estimate
+    assert "60 tuning runs" in estimate and "135 runs in all" in estimate and "120 evaluations (last and best) on 100 test examples" in estimate
     quick = bench_config_from_args(parser.parse_args(["--quick"]))
     assert quick.quick and quick.base.epochs == 2 and len(quick.seeds) == 2 and len(quick.lr_grid_engm) == 2 and quick.autoattack_examples == 8
     custom = bench_config_from_args(parser.parse_args(
