@@ -202,10 +202,10 @@ class ENGMOptimizer(DPOptimizer):
     def _fast_path_weights(self, attack_norms: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(w_i * B, s m_i)`` (``w_i`` alone for a sum-reduced loss) for a training forward's ``B`` rows:
         its output gradient scaled by them makes ``p.grad = sum_i w_i grad l_i``."""
-        estimates = self.estimator.estimate(attack_norms)
+        rows = len(attack_norms) if self.module.loss_reduction == "mean" else 1
+        estimates = self.estimator.estimate(self.estimator.attack_norms(attack_norms, rows))
         if self.auto_gamma is not None:
             self._set_auto_gamma(estimates)
-        rows = len(attack_norms) if self.module.loss_reduction == "mean" else 1
         return engm_weights(estimates, self.gamma) * rows, estimates
 
     def _set_auto_gamma(self, current: torch.Tensor) -> None:
@@ -230,7 +230,8 @@ class ENGMOptimizer(DPOptimizer):
         input_norms = None
         if estimator is not None:
             if self.module.input_grad_source == "attack":
-                input_norms = estimator.attack_norms(record.attack_input_norms)
+                rows = record.batch_size() if self.module.loss_reduction == "mean" else 1.0  # the attack ran unscaled
+                input_norms = estimator.attack_norms(record.attack_input_norms, rows)
             else:
                 input_norms = estimator.input_norms(record.input_grads, factor)
         if estimator is not None and not estimator.calibrating:

@@ -2,8 +2,9 @@
 
 ENGM's cheap variant (Dabouei et al.) replaces the parameter-gradient norm by the norm of the
 gradient w.r.t. the input, which correlates with it. With ``m_i = B * ||dL/dx_i||_2`` (over all
-floating-point inputs of the model's calls in the backward pass: ``x`` and ``x_adv`` for TRADES),
-the estimate is ``n_i ~= s * m_i``. A global ``s`` matters whenever ``gamma`` is active, so it is
+floating-point inputs of the model's calls in the backward pass: ``x`` and ``x_adv`` for TRADES;
+or, with ``input_grad_source="attack"``, of the attack loss at its last iterate), the estimate is
+``n_i ~= s * m_i`` (``B`` only for a mean-reduced loss). A global ``s`` matters whenever ``gamma`` is active, so it is
 calibrated against exact norms: on the first step and every ``calibrate_every`` steps the exact
 ``n_i`` are computed from the same records, ``s`` is set to ``median_i(n_i / m_i)`` (first time)
 or moved towards it geometrically (``log s <- (1 - beta) log s + beta log s_new``), and those
@@ -71,15 +72,16 @@ class InputNormEstimator:
         return factor * squared.sqrt()
 
     @staticmethod
-    def attack_norms(norms: Optional[torch.Tensor]) -> torch.Tensor:
-        """``[B]`` ``m_i`` read from the attack's last input gradient (``input_grad_source="attack"``)."""
+    def attack_norms(norms: Optional[torch.Tensor], factor: float) -> torch.Tensor:
+        """``[B]`` ``m_i = factor * ||dL_attack/dx_i||`` from the attack's last input gradient (``input_grad_source="attack"``;
+        ``factor = B`` for a mean-reduced loss, so that ``m_i`` does not depend on the batch size)."""
         if norms is None:
             raise RuntimeError(
                 "The input-norm variant (input_grad_source='attack') found no attack input gradient for a backward "
                 "pass that reached the parameters. Fix: run the attack through the model make_engm returned, "
                 "or use input_grad_source='backward'."
             )
-        return norms
+        return factor * norms
 
     def estimate(self, input_norms: torch.Tensor) -> torch.Tensor:
         """``s * m_i``."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import traceback
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import pytest
 import torch
@@ -140,36 +140,56 @@ def test_a_model_with_its_own_comm_hook_is_refused(tmp_path: Path) -> None:
     assert "could not replace DDP's gradient all-reduce" in ranks[0].get("error", ""), ranks[0]
 
 
-def train_input_norm_ddp(rank: int, tmp_path: Path, gamma: float) -> dict:
+def pgd_like_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Two sign-gradient steps by ``torch.autograd.grad`` w.r.t. the input (mean-reduced CE)."""
+    x_adv = x.clone()
+    for _ in range(2):
+        x_adv.requires_grad_(True)
+        (grad,) = torch.autograd.grad(ce(model, x_adv, y), x_adv)
+        x_adv = (x_adv.detach() + 0.05 * grad.sign()).detach()
+    return x_adv
+
+
+def input_norm_steps(model: nn.Module, optimizer: torch.optim.Optimizer, rank: Optional[int]) -> List[dict]:
+    """Attack then train on each batch (the rank's shard, or the global batch for ``rank=None``); the step stats."""
+    stats = []
+    for x, y in batches():
+        if rank is not None:
+            x, y = shard(x, rank), shard(y, rank)
+        ce(model, pgd_like_attack(model, x, y), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        stats.append({"scale": optimizer.last_step.scale, "gamma": optimizer.last_step.gamma})
+    return stats
+
+
+def train_input_norm_ddp(rank: int, tmp_path: Path, gamma: object, options: dict) -> dict:
     model = mlp()
     wrapped, optimizer = make_engm(
         DistributedDataParallel(model), torch.optim.SGD(model.parameters(), **HYPER), gamma=gamma, variant="input-norm",
-        calibrate_every=2,
+        **options,
     )
-    scales = []
-    for x, y in batches():
-        ce(wrapped, shard(x, rank), shard(y, rank)).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        scales.append(optimizer.last_step.scale)
-    return {"params": [p.detach().clone() for p in model.parameters()], "scales": scales}
+    stats = input_norm_steps(wrapped, optimizer, rank)
+    return {"params": [p.detach().clone() for p in model.parameters()], "stats": stats}
 
 
-def test_input_norm_variant_calibrates_on_the_global_batch(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("gamma", "options"),
+    [(0.5, {"calibrate_every": 2}), (0.5, {"calibrate_every": 2, "input_grad_source": "attack"}), ("auto", {"input_grad_source": "attack"})],
+    ids=["backward-source", "attack-source-fast-path", "attack-source-auto-gamma"],
+)
+def test_input_norm_variant_calibrates_on_the_global_batch(tmp_path: Path, gamma: object, options: dict) -> None:
+    """Uneven shards (5 and 3 rows): the scale, the floor and the parameters of both ranks equal one process's on the
+    8 rows, on calibration and fast-path steps."""
     reference = mlp()
-    gamma = 0.5
-    ranks = run_ranks(train_input_norm_ddp, tmp_path, gamma)
+    ranks = run_ranks(train_input_norm_ddp, tmp_path, gamma, options)
     assert "error" not in ranks[0], ranks[0].get("trace")
     single, optimizer = make_engm(
-        reference, torch.optim.SGD(reference.parameters(), **HYPER), gamma=gamma, variant="input-norm", calibrate_every=2
+        reference, torch.optim.SGD(reference.parameters(), **HYPER), gamma=gamma, variant="input-norm", **options
     )
-    scales = []
-    for x, y in batches():
-        ce(single, x, y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        scales.append(optimizer.last_step.scale)
+    stats = input_norm_steps(single, optimizer, None)
     for rank in ranks:
-        assert rank["scales"] == pytest.approx(scales, rel=1e-12)
+        for got, expected in zip(rank["stats"], stats):
+            assert got == pytest.approx(expected, rel=1e-12)
         for got, expected in zip(rank["params"], reference.parameters()):
             torch.testing.assert_close(got, expected.detach(), rtol=1e-10, atol=1e-12)

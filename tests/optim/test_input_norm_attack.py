@@ -71,19 +71,19 @@ def assert_same_parameters(model: nn.Module, reference: nn.Module) -> None:
 
 
 def test_fixed_scale_weights_come_from_the_attacks_last_input_gradient() -> None:
-    """Three SGD steps (momentum, Nesterov, weight decay): w_i = 1/max(s m_i, gamma), m_i = ||grad_x l_attack||_i
-    at the attack's last iterate x_{K-1} (the attack's loss is a batch mean: m_i = ||grad_x l_i|| / B)."""
+    """Three SGD steps (momentum, Nesterov, weight decay): w_i = 1/max(s m_i, gamma), m_i = B ||grad_x L_attack||_i
+    = ||grad_x l_i|| at the attack's last iterate x_{K-1} (the attack's loss is a batch mean)."""
     model, (x, y) = mlp(), batch()
     reference = copy.deepcopy(model)
     reference_optimizer = sgd(reference)
-    scale = 40.0
+    scale = 40.0 / B
     wrapped, optimizer = make_engm(
         model, sgd(model), gamma=1.2, variant="input-norm", input_grad_source="attack", input_norm_scale=scale
     )
     for _ in range(3):
         x_adv, last_iterate = attack(wrapped, x, y)
         _, _, attack_input_norms = per_example(reference, last_iterate, y)
-        estimates = scale * attack_input_norms / B
+        estimates = scale * attack_input_norms
         grads, _, _ = per_example(reference, x_adv, y)
         F.cross_entropy(wrapped(x_adv), y).backward()
         optimizer.step()
@@ -102,7 +102,6 @@ def test_default_calibrates_the_attack_norms_on_the_first_step_then_takes_the_fa
     for step in range(3):
         x_adv, last_iterate = attack(wrapped, x, y)
         _, _, attack_input_norms = per_example(reference, last_iterate, y)
-        attack_input_norms = attack_input_norms / B  # the attack differentiates the batch mean
         grads, exact, _ = per_example(reference, x_adv, y)
         if step == 0:
             scale = float(torch.median(exact / attack_input_norms))
@@ -134,7 +133,7 @@ def test_with_the_exact_per_example_ratio_supplied_it_equals_exact_engm(source: 
         x_adv, last_iterate = attack(wrapped, x, y)
         grads, exact, training_input_norms = per_example(reference, x_adv, y)
         _, _, attack_input_norms = per_example(reference, last_iterate, y)
-        optimizer.estimator.scale = exact / (attack_input_norms / B if source == "attack" else training_input_norms)
+        optimizer.estimator.scale = exact / (attack_input_norms if source == "attack" else training_input_norms)
         F.cross_entropy(wrapped(x_adv), y).backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -158,7 +157,7 @@ def test_batchnorm_fast_path_is_the_gradient_of_the_weighted_loss_in_the_same_ba
     reference = copy.deepcopy(model)
     generator = torch.Generator().manual_seed(3)
     x, y = torch.rand(B, 1, 6, 6, generator=generator, dtype=torch.float64), torch.randint(0, 3, (B,), generator=generator)
-    scale, gamma, lr = 5.0, 0.9, 0.1
+    scale, gamma, lr = 5.0 / B, 0.9, 0.1
     wrapped, optimizer = make_engm(
         model, torch.optim.SGD(model.parameters(), lr=lr), gamma=gamma, variant="input-norm", input_grad_source="attack",
         input_norm_scale=scale,
@@ -167,7 +166,7 @@ def test_batchnorm_fast_path_is_the_gradient_of_the_weighted_loss_in_the_same_ba
     reference.train()
     probe = last_iterate.clone().requires_grad_(True)
     (attack_grad,) = torch.autograd.grad(F.cross_entropy(reference(probe), y), probe)
-    weights = 1.0 / (scale * attack_grad.flatten(1).norm(dim=1)).clamp(min=gamma)
+    weights = 1.0 / (scale * B * attack_grad.flatten(1).norm(dim=1)).clamp(min=gamma)
     losses = F.cross_entropy(reference(x_adv), y, reduction="none")
     expected = torch.autograd.grad((weights * losses).mean(), list(reference.parameters()))
     F.cross_entropy(wrapped(x_adv), y).backward()
@@ -181,14 +180,14 @@ def test_two_forwards_in_one_loss_share_the_rows_weights() -> None:
     """A TRADES-shaped loss (clean and adversarial calls): both calls' rows get w_i; d = (1/B) sum_i w_i grad l_i."""
     model, (x, y) = mlp(4), batch(4)
     reference = copy.deepcopy(model)
-    scale, gamma, lr = 30.0, 0.3, 0.1
+    scale, gamma, lr = 30.0 / B, 0.3, 0.1
     wrapped, optimizer = make_engm(
         model, torch.optim.SGD(model.parameters(), lr=lr), gamma=gamma, variant="input-norm", input_grad_source="attack",
         input_norm_scale=scale,
     )
     x_adv, last_iterate = attack(wrapped, x, y)
     _, _, attack_input_norms = per_example(reference, last_iterate, y)
-    weights = 1.0 / (scale * attack_input_norms / B).clamp(min=gamma)
+    weights = 1.0 / (scale * attack_input_norms).clamp(min=gamma)
 
     def two_term(net: nn.Module, reduction: str) -> torch.Tensor:
         clean = net(x)
