@@ -41,6 +41,7 @@ def make_engm(
     calibrate_every: int = 10,
     calibration_momentum: float = 0.5,
     input_grad_source: InputGradSource = "backward",
+    attack_loss_reduction: Literal["mean", "sum"] = "mean",
     gamma_quantile: float = 0.5,
     gamma_window: int = 50,
 ) -> Tuple[ENGMModule, ENGMOptimizer]:
@@ -80,6 +81,10 @@ def make_engm(
             ``step()``) or ``"attack"`` (the attack's last input gradient, for attacks whose loss
             is the training loss, as in PGD-AT: the weights are fixed before the training backward,
             which then produces ``d`` itself at MSGD's cost).
+        attack_loss_reduction: input-norm only: with ``input_grad_source="attack"``, how the attack's
+            loss reduces its batch: ``"mean"`` (``F.cross_entropy``'s default, Rice et al.'s and
+            MART's attacks) or ``"sum"`` (TRADES's KL attack, this library's ``pgd_linf``); ``m_i``
+            is then each example's own input-gradient norm whatever the batch size.
         gamma_quantile: ``gamma="auto"`` only: the quantile ``q`` in ``(0, 1)``.
         gamma_window: ``gamma="auto"`` only: the number of past steps whose norms enter the quantile.
 
@@ -100,8 +105,10 @@ def make_engm(
     require_torch_optimizer(optimizer)
     if variant not in VARIANTS:
         raise ValueError(f"Unknown variant {variant!r}. Fix: use one of {', '.join(VARIANTS)}.")
-    if loss_reduction not in ("mean", "sum"):
-        raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}.")
+    if loss_reduction not in ("mean", "sum") or attack_loss_reduction not in ("mean", "sum"):
+        raise ValueError(
+            f"loss_reduction and attack_loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}, {attack_loss_reduction!r}."
+        )
     if variant == "exact" and (input_norm_scale is not None or input_grad_source != "backward"):
         raise ValueError(
             "input_norm_scale and input_grad_source apply to variant='input-norm' only. Fix: drop them, or pass "
@@ -130,6 +137,6 @@ def make_engm(
         skip_gradient_all_reduce(model)
     engm = ENGMOptimizer(
         optimizer, module=wrapped, gamma=gamma, on_nonfinite=on_nonfinite, estimator=estimator, auto_gamma=auto_gamma,
-        distributed=distributed,
+        attack_loss_reduction=attack_loss_reduction, distributed=distributed,
     )
     return wrapped, engm

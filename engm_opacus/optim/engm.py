@@ -72,6 +72,7 @@ class ENGMOptimizer(DPOptimizer):
             untouched, recorded in :attr:`last_step`) on NaN/inf per-example norms.
         estimator: the input-norm variant's estimator, or ``None`` for exact norms.
         auto_gamma: the running quantile for ``gamma="auto"`` (default: ``AutoGamma()``).
+        attack_loss_reduction: input-norm variant, attack source: how the attack's loss reduces the batch.
         verify_steps: on this many first steps, check that the recorded per-example gradients
             sum to ``p.grad`` (one extra weighted-gradient computation): a parameter used outside
             its layer's forward (tied weights, ``F.linear(x, layer.weight)``) or gradients cleared
@@ -91,6 +92,7 @@ class ENGMOptimizer(DPOptimizer):
         on_nonfinite: NonFinitePolicy = "raise",
         estimator: Optional[InputNormEstimator] = None,
         auto_gamma: Optional[AutoGamma] = None,
+        attack_loss_reduction: Literal["mean", "sum"] = "mean",
         verify_steps: int = 1,
         distributed: bool = False,
     ):
@@ -113,6 +115,7 @@ class ENGMOptimizer(DPOptimizer):
         self._calibration_errors: List[float] = []
         self.verify_steps = verify_steps
         self.distributed = distributed
+        self.attack_loss_reduction = attack_loss_reduction
         self._arm_next_step()
 
     @property
@@ -203,10 +206,15 @@ class ENGMOptimizer(DPOptimizer):
         """``(w_i * B, s m_i)`` (``w_i`` alone for a sum-reduced loss) for a training forward's ``B`` rows:
         its output gradient scaled by them makes ``p.grad = sum_i w_i grad l_i``."""
         rows = len(attack_norms) if self.module.loss_reduction == "mean" else 1
-        estimates = self.estimator.estimate(self.estimator.attack_norms(attack_norms, rows))
+        estimates = self.estimator.estimate(self.estimator.attack_norms(attack_norms, self._attack_factor(len(attack_norms))))
         if self.auto_gamma is not None:
             self._set_auto_gamma(estimates)
         return engm_weights(estimates, self.gamma) * rows, estimates
+
+    def _attack_factor(self, rows: int) -> float:
+        """``B`` for a mean-reduced attack loss, ``1`` for a summed one: ``m_i`` is then each example's own input-gradient
+        norm, whatever the batch size (an epoch's last batch, uneven data-parallel shards)."""
+        return float(rows) if self.attack_loss_reduction == "mean" else 1.0
 
     def _set_auto_gamma(self, current: torch.Tensor) -> None:
         """``gamma="auto"``: the running quantile of past norms (this step's on the first step, global under DDP)."""
@@ -230,8 +238,7 @@ class ENGMOptimizer(DPOptimizer):
         input_norms = None
         if estimator is not None:
             if self.module.input_grad_source == "attack":
-                rows = record.batch_size() if self.module.loss_reduction == "mean" else 1.0  # the attack ran unscaled
-                input_norms = estimator.attack_norms(record.attack_input_norms, rows)
+                input_norms = estimator.attack_norms(record.attack_input_norms, self._attack_factor(record.batch_size()))
             else:
                 input_norms = estimator.input_norms(record.input_grads, factor)
         if estimator is not None and not estimator.calibrating:

@@ -80,10 +80,12 @@ def engm_options_for(config: TrainConfig, at_loss: Any) -> Dict[str, Any]:
     """``config.engm_options``; for the input-norm variant without an explicit ``input_grad_source``: ``"attack"`` where
     the attack maximizes the training loss (PGD-AT, AWP-PGD-AT: the fast path), else ``"backward"`` (TRADES, MART: the
     attack's KL or CE gradient is not the training loss's; the study in ``benchmarks/input_norm_study.py`` measured
-    its estimate far worse there)."""
+    its estimate far worse there); with the attack source, ``attack_loss_reduction="sum"``, as ``pgd_linf`` computes it."""
     options = dict(config.engm_options)
     if config.optimizer == "engm-input-norm":
         options.setdefault("input_grad_source", "attack" if at_loss.attack_loss_is_training_loss else "backward")
+        if options["input_grad_source"] == "attack":
+            options.setdefault("attack_loss_reduction", "sum")  # pgd_linf ascends the sum of the per-row objectives
     return options
 
 
