@@ -20,7 +20,7 @@ from engm_opacus.functional import GammaSetting, validate_gamma_setting
 from engm_opacus.optim import AutoGamma, ENGMOptimizer, InputNormEstimator, NonFinitePolicy, require_torch_optimizer
 from engm_opacus.optim.distributed import skip_gradient_all_reduce
 from engm_opacus.per_example import ENGMModule
-from engm_opacus.per_example.module import InputGradSource
+from engm_opacus.per_example.module import INPUT_GRAD_SOURCES, InputGradSource
 
 DATA_PARALLEL = (nn.parallel.DistributedDataParallel, DifferentiallyPrivateDistributedDataParallel)
 """Data-parallel wrappers ``make_engm`` accepts: ENGM then all-reduces its own sums over the ranks."""
@@ -103,6 +103,10 @@ def make_engm(
     if gamma != "auto" and (gamma_quantile, gamma_window) != (0.5, 50):
         raise ValueError("gamma_quantile and gamma_window apply to gamma='auto' only. Fix: drop them, or pass gamma='auto'.")
     require_torch_optimizer(optimizer)
+    if on_nonfinite not in ("raise", "skip"):
+        raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}.")
+    if input_grad_source not in INPUT_GRAD_SOURCES:
+        raise ValueError(f"input_grad_source must be one of {', '.join(INPUT_GRAD_SOURCES)}, got {input_grad_source!r}.")
     if variant not in VARIANTS:
         raise ValueError(f"Unknown variant {variant!r}. Fix: use one of {', '.join(VARIANTS)}.")
     if loss_reduction not in ("mean", "sum") or attack_loss_reduction not in ("mean", "sum"):

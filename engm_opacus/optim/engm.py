@@ -116,6 +116,7 @@ class ENGMOptimizer(DPOptimizer):
         self.verify_steps = verify_steps
         self.distributed = distributed
         self.attack_loss_reduction = attack_loss_reduction
+        self._nonfinite_gradient = False
         self._arm_next_step()
 
     @property
@@ -182,13 +183,13 @@ class ENGMOptimizer(DPOptimizer):
         self, records: List[BackwardRecord], own: Set[nn.Parameter], grad_scale: float, overflow: bool
     ) -> None:
         """Fast path: every pass that reached the parameters had its rows scaled by ``w_i``; ``p.grad`` is the sum."""
-        unweighted = [record for record in records if record.weighted_rows is None and record.accumulated]
+        unweighted = [record for record in records if record.accumulated and (record.weighted_rows is None or record.unweighted)]
         if unweighted:
             raise RuntimeError(
-                "A backward pass accumulated into p.grad without going through a training forward whose rows ENGM "
-                "weighted (input-norm variant, input_grad_source='attack'): a forward on an input that requires grad "
-                "counts as an attack's, and its backward is not weighted. The ENGM update would be wrong. Fix: detach "
-                "the training input (x_adv.detach()), clear gradients after a loss.backward() attack with "
+                "A backward pass accumulated into p.grad through a forward whose rows ENGM did not weight (input-norm "
+                "variant, input_grad_source='attack'): a forward on an input that requires grad counts as an attack's, "
+                "and its backward is not weighted. The ENGM update would be wrong. Fix: detach the training inputs "
+                "(x_adv.detach(), also in a TRADES/MART loss), clear gradients after a loss.backward() attack with "
                 "optimizer.zero_grad(), or use input_grad_source='backward'."
             )
         for record in records:
@@ -200,6 +201,14 @@ class ENGMOptimizer(DPOptimizer):
         for p in own:
             if p.grad is not None:
                 contribution = p.grad.detach() / grad_scale
+                p.grad = None  # moved: a later backward before zero_grad() adds only its own passes
+                if not overflow and not bool(torch.isfinite(contribution).all()):
+                    if self.on_nonfinite == "raise" and not self.distributed:
+                        raise FloatingPointError(
+                            "Non-finite gradient in the input-norm fast path's weighted backward. Fix: lower the learning "
+                            "rate or check the loss for log(0)/overflow; or pass on_nonfinite='skip' to make_engm."
+                        )
+                    self._nonfinite_gradient = True
                 p.summed_grad = contribution if p.summed_grad is None else p.summed_grad + contribution
 
     def _fast_path_weights(self, attack_norms: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -207,8 +216,6 @@ class ENGMOptimizer(DPOptimizer):
         its output gradient scaled by them makes ``p.grad = sum_i w_i grad l_i``."""
         rows = len(attack_norms) if self.module.loss_reduction == "mean" else 1
         estimates = self.estimator.estimate(self.estimator.attack_norms(attack_norms, self._attack_factor(len(attack_norms))))
-        if self.auto_gamma is not None:
-            self._set_auto_gamma(estimates)
         return engm_weights(estimates, self.gamma) * rows, estimates
 
     def _attack_factor(self, rows: int) -> float:
@@ -227,6 +234,10 @@ class ENGMOptimizer(DPOptimizer):
         input-norm fast path (weights fixed at the training forward from the attack's last input gradient)."""
         estimator = self.estimator
         fast = estimator is not None and self.module.input_grad_source == "attack" and not estimator.calibrating
+        if self.auto_gamma is not None:  # the floor of the coming step, from past steps only (none yet: record this one)
+            fast = fast and self.auto_gamma.ready
+            if self.auto_gamma.ready:
+                self.max_grad_norm = self.auto_gamma.value()
         self.module.recording = not fast
         self.module.row_weights = self._fast_path_weights if fast else None
 
@@ -283,13 +294,14 @@ class ENGMOptimizer(DPOptimizer):
             )
         grad_scale, overflow = self._amp_state()
         self.accumulate(grad_scale, overflow)
+        self.module.forget_attack_gradient()
         if self._check_skip_next_step():
             self._is_last_step_skipped = True
             self._arm_next_step()
             return False
         self._is_last_step_skipped = False
         local = torch.cat([n.to(self._norms[0].device) for n in self._norms]) if self._norms else torch.zeros(0)
-        nonfinite = not bool(torch.isfinite(local).all())
+        nonfinite = not bool(torch.isfinite(local).all()) or self._nonfinite_gradient
         examples = len(local)
         if self.distributed:
             examples, (overflow, nonfinite) = all_reduce_sums(self.params, examples, (overflow, nonfinite))
@@ -302,6 +314,7 @@ class ENGMOptimizer(DPOptimizer):
             for p in self.params:
                 if p.summed_grad is not None:
                     p.grad = (p.summed_grad / examples).view_as(p).to(p.dtype)
+        self._nonfinite_gradient = False
         self.last_step = self._stats(local, skipped)
         if self.auto_gamma is not None and len(local):
             self.auto_gamma.update(gather_examples((local.double(),))[0] if self.distributed else local)
@@ -353,16 +366,19 @@ class ENGMOptimizer(DPOptimizer):
         return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Load :meth:`state_dict` (a plain ``torch.optim`` state dict loads too, leaving ENGM's own state as it is)."""
+        """Load :meth:`state_dict` (a plain ``torch.optim`` state dict loads too, leaving ENGM's own state as it is).
+
+        What was passed to ``make_engm`` wins: a fixed ``gamma`` and a fixed ``input_norm_scale`` are kept (only the
+        step count is restored then); the running state of ``gamma="auto"`` and of a calibrated scale is restored."""
         engm = state_dict.get("engm")
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "engm"})
         if engm is None:
             return
-        self.max_grad_norm = engm["gamma"]
         if self.estimator is not None and engm["estimator"] is not None:
             self.estimator.load_state_dict(engm["estimator"])
-        if self.auto_gamma is not None and engm["auto_gamma"] is not None:
+        if self.auto_gamma is not None and engm["auto_gamma"] is not None:  # a fixed gamma given to make_engm stays
             self.auto_gamma.load_state_dict(engm["auto_gamma"])
+            self.max_grad_norm = engm["gamma"]
         self._arm_next_step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:

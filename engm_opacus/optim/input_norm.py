@@ -51,8 +51,10 @@ class InputNormEstimator:
         return {"scale": self.scale, "steps": self.steps, "last_calibration_error": self.last_calibration_error}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
-        self.scale, self.steps, self.last_calibration_error = state["scale"], state["steps"], state["last_calibration_error"]
+        """Restore :meth:`state_dict`; a fixed scale stays the one given to the constructor."""
+        self.steps, self.last_calibration_error = state["steps"], state["last_calibration_error"]
+        if not self.fixed:
+            self.scale = state["scale"]
 
     @property
     def calibrating(self) -> bool:
@@ -74,12 +76,15 @@ class InputNormEstimator:
     @staticmethod
     def attack_norms(norms: Optional[torch.Tensor], factor: float) -> torch.Tensor:
         """``[B]`` ``m_i = factor * ||dL_attack/dx_i||`` from the attack's last input gradient (``input_grad_source="attack"``;
-        ``factor = B`` for a mean-reduced loss, so that ``m_i`` does not depend on the batch size)."""
+        ``factor = B`` when the attack's loss is a batch mean, so that ``m_i`` does not depend on the batch size)."""
         if norms is None:
             raise RuntimeError(
-                "The input-norm variant (input_grad_source='attack') found no attack input gradient for a backward "
-                "pass that reached the parameters. Fix: run the attack through the model make_engm returned, "
-                "or use input_grad_source='backward'."
+                "The input-norm variant (input_grad_source='attack') found no attack input gradient paired with a "
+                "backward pass that reached the parameters: no attack ran through the returned model on these rows "
+                "before the training forward, the model returned no single tensor, or an attack's loss.backward() "
+                "reached the parameters and was not cleared by optimizer.zero_grad(). Fix: attack through the model "
+                "make_engm returned, return the logits tensor, clear the attack's gradients, or use "
+                "input_grad_source='backward'."
             )
         return factor * norms
 

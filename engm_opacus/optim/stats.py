@@ -14,7 +14,7 @@ class ENGMStepStats:
 
     Attributes:
         per_example_norms: ``[N]`` norms ``n_i`` the weights were computed from (exact, or the
-            input-norm estimate ``s * ||grad_x l_i||`` on steps that did not calibrate), detached.
+            input-norm estimate ``s * m_i`` on steps that did not calibrate), detached.
         weights: ``[N]`` weights ``w_i = 1/max(n_i, gamma)``.
         fraction_above_gamma: share of examples with ``n_i > gamma`` (those that were normalized).
         direction_norm: ``||d||_2`` handed to the wrapped optimizer (``nan`` when skipped).

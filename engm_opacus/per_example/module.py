@@ -125,6 +125,8 @@ class ENGMModule(GradSampleModule):
     """
 
     def __init__(self, m: nn.Module, *, loss_reduction: str = "mean", input_grad_source: Optional[InputGradSource] = None):
+        if input_grad_source not in (None, *INPUT_GRAD_SOURCES):
+            raise ValueError(f"input_grad_source must be one of {', '.join(INPUT_GRAD_SOURCES)}, got {input_grad_source!r}.")
         error = unsupported_layers_error(m)
         if error is not None:
             raise error
@@ -132,8 +134,6 @@ class ENGMModule(GradSampleModule):
         self._accumulated: Set[nn.Parameter] = set()
         self._accumulators: Dict[nn.Parameter, Any] = {}
         super().__init__(m, batch_first=True, loss_reduction=loss_reduction, strict=False)
-        if input_grad_source not in (None, *INPUT_GRAD_SOURCES):
-            raise ValueError(f"input_grad_source must be one of {', '.join(INPUT_GRAD_SOURCES)}, got {input_grad_source!r}.")
         self.input_grad_source = input_grad_source
         self.recording = True
         self.row_weights: Optional[RowWeights] = None
@@ -178,7 +178,10 @@ class ENGMModule(GradSampleModule):
             return self._module(*(self._tap_input(a, self._capture_input_grad) for a in args), **kwargs)
         first = next((a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
         if first is not None and first.requires_grad:
-            return self._module(*(self._tap_input(a, self._capture_attack_grad) if a is first else a for a in args), **kwargs)
+            output = self._module(*(self._tap_input(a, self._capture_attack_grad) if a is first else a for a in args), **kwargs)
+            if self.row_weights is not None and isinstance(output, torch.Tensor) and output.requires_grad:
+                output.register_hook(self._unweighted_backward_hook)
+            return output
         output = self._module(*args, **kwargs)
         if first is not None:
             self._hook_training_output(output, len(first))
@@ -238,12 +241,25 @@ class ENGMModule(GradSampleModule):
         if factors is None:
             return None
         record.weighted_rows, record.estimated_norms = rows, estimates
-        return grad * factors.to(device=grad.device, dtype=grad.dtype).view(-1, *(1,) * (grad.dim() - 1))
+        wide = grad if grad.dtype in (torch.float32, torch.float64) else grad.float()  # w_i * B can overflow float16
+        scaled = wide * factors.to(device=grad.device, dtype=wide.dtype).view(-1, *(1,) * (grad.dim() - 1))
+        return scaled.to(grad.dtype)
+
+    def _unweighted_backward_hook(self, grad: torch.Tensor) -> None:
+        """Fast path: mark a backward pass that reaches the parameters through an attack-style forward (not weighted)."""
+        if self.hooks_enabled and self._reaches_parameters():
+            self._current_record().unweighted = True
 
     def _on_accumulate(self, p: torch.Tensor) -> None:
+        if not self.hooks_enabled:
+            return
         self._accumulated.add(p)
         if self.row_weights is not None:
             self._current_record().accumulated = True
+
+    def forget_attack_gradient(self) -> None:
+        """Drop the last attack's input-gradient norms (each step pairs with an attack of its own)."""
+        self._attack_input_norms = None
 
     def _reaches_parameters(self) -> bool:
         """Whether the running backward pass accumulates into some trainable parameter's ``.grad``."""

@@ -76,6 +76,8 @@ class BackwardRecord:
         estimated_norms: ``[B]`` the estimates ``s m_i`` those weights came from (fast path).
         accumulated: the pass accumulated into some ``p.grad`` (tracked on the fast path, where
             no layer call is recorded).
+        unweighted: on the fast path, the pass also reached the parameters through a forward whose
+            rows were not weighted (an input that requires grad, i.e. an attack-style call).
     """
 
     calls: Dict[nn.Module, List[LayerCall]] = field(default_factory=dict)
@@ -85,6 +87,7 @@ class BackwardRecord:
     weighted_rows: Optional[int] = None
     estimated_norms: Optional[torch.Tensor] = None
     accumulated: bool = False
+    unweighted: bool = False
 
     def add(self, call: LayerCall) -> None:
         """Append a completed call."""

@@ -264,7 +264,7 @@ def test_a_training_input_that_requires_grad_is_refused_at_step() -> None:
     wrapped, optimizer, x, y = fast_path_pair()
     x_adv, _ = attack(wrapped, x, y)
     F.cross_entropy(wrapped(x_adv.requires_grad_(True)), y).backward()
-    with pytest.raises(RuntimeError, match="without going through a training forward.*x_adv.detach"):
+    with pytest.raises(RuntimeError, match="through a forward whose rows ENGM did not weight.*x_adv.detach"):
         optimizer.step()
 
 
@@ -280,7 +280,7 @@ def test_a_loss_backward_attack_cleared_by_zero_grad_is_fine_and_one_left_in_p_g
     delta = torch.zeros_like(x, requires_grad=True)
     F.cross_entropy(wrapped(x + delta), y).backward()
     F.cross_entropy(wrapped((x + delta).detach()), y).backward()
-    with pytest.raises(RuntimeError, match="without going through a training forward"):
+    with pytest.raises(RuntimeError, match="through a forward whose rows ENGM did not weight"):
         optimizer.step()
 
 
@@ -302,3 +302,104 @@ def test_a_model_returning_a_tuple_is_refused_on_the_fast_path() -> None:
     )
     with pytest.raises(TypeError, match="returned a tuple.*input_grad_source='backward'"):
         wrapped(x)
+
+
+def test_a_step_forgets_its_attack_gradient() -> None:
+    """The next training forward without an attack of its own is not paired with an old batch's norms."""
+    wrapped, optimizer, x, y = fast_path_pair()
+    x_adv, _ = attack(wrapped, x, y)
+    F.cross_entropy(wrapped(x_adv), y).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    with pytest.raises(RuntimeError, match="no attack input gradient on 6 rows"):
+        F.cross_entropy(wrapped(x), y).backward()
+
+
+def test_a_two_term_loss_with_an_input_that_requires_grad_is_refused() -> None:
+    """TRADES with x_adv not detached: the KL term's call is an attack-style forward, its gradient unweighted."""
+    wrapped, optimizer, x, y = fast_path_pair()
+    x_adv, _ = attack(wrapped, x, y)
+    x_adv.requires_grad_(True)
+    clean = wrapped(x)
+    loss = F.cross_entropy(clean, y) + F.kl_div(F.log_softmax(wrapped(x_adv), 1), F.softmax(clean, 1), reduction="batchmean")
+    loss.backward()
+    with pytest.raises(RuntimeError, match="through a forward whose rows ENGM did not weight"):
+        optimizer.step()
+
+
+def test_skipped_steps_without_zero_grad_count_each_backward_once() -> None:
+    """Virtual steps (Opacus's signal_skip_step) with or without zero_grad between the micro-batches: the same update."""
+    results = []
+    for clear_between in (True, False):
+        wrapped, optimizer, x, y = fast_path_pair(8)
+        for half, do_skip in ((slice(0, 3), True), (slice(3, 6), False)):
+            x_adv, _ = attack(wrapped, x[half], y[half])
+            F.cross_entropy(wrapped(x_adv), y[half]).backward()
+            optimizer.signal_skip_step(do_skip=do_skip)
+            optimizer.step()
+            if clear_between or not do_skip:
+                optimizer.zero_grad()
+        results.append([p.detach().clone() for p in wrapped.parameters()])
+    for p, q in zip(*results):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_a_non_finite_gradient_on_the_fast_path_follows_on_nonfinite(policy: str) -> None:
+    model, (x, y) = mlp(9), batch(9)
+    wrapped, optimizer = make_engm(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), gamma=0.5, variant="input-norm", input_grad_source="attack",
+        input_norm_scale=1.0, on_nonfinite=policy,
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    x_adv, _ = attack(wrapped, x, y)
+    (F.cross_entropy(wrapped(x_adv), y) * float("inf")).backward()
+    if policy == "raise":
+        with pytest.raises(FloatingPointError, match="Non-finite gradient.*on_nonfinite='skip'"):
+            optimizer.step()
+        return
+    optimizer.step()
+    assert optimizer.last_step.skipped
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), q)
+
+
+def test_float16_output_gradients_are_scaled_without_overflow() -> None:
+    """w_i * B = 128 / 1e-3 exceeds float16's range; the rows are scaled in float32 and cast back."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 3))
+    x, y = torch.rand(128, 5), torch.randint(0, 3, (128,))
+    wrapped, optimizer = make_engm(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), gamma=1e-3, variant="input-norm", input_grad_source="attack",
+        input_norm_scale=1e-6,
+    )
+    probe = x.clone().requires_grad_(True)
+    torch.autograd.grad(F.cross_entropy(wrapped(probe), y), probe)
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = F.cross_entropy(wrapped(x), y)
+    loss.backward()
+    optimizer.step()
+    assert not optimizer.last_step.skipped
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_refused_option_leaves_the_model_unwrapped() -> None:
+    model = mlp(10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for bad in ({"input_grad_source": "attak"}, {"on_nonfinite": "ignore"}):
+        with pytest.raises(ValueError, match="input_grad_source must be one of|on_nonfinite must be"):
+            make_engm(model, optimizer, gamma=1.0, variant="input-norm", **bad)
+    make_engm(model, optimizer, gamma=1.0, variant="input-norm", input_grad_source="attack")  # the corrected call works
+
+
+def test_loading_a_checkpoint_keeps_the_fixed_settings_given_to_make_engm() -> None:
+    model, (x, y) = mlp(11), batch(11)
+    wrapped, optimizer = make_engm(model, torch.optim.SGD(model.parameters(), lr=0.1), gamma="auto", variant="input-norm")
+    F.cross_entropy(wrapped(x), y).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    state = optimizer.state_dict()
+    other = mlp(11)
+    _, fixed = make_engm(other, torch.optim.SGD(other.parameters(), lr=0.1), gamma=0.01, variant="input-norm", input_norm_scale=5.0)
+    fixed.load_state_dict(state)
+    assert fixed.gamma == 0.01 and fixed.estimator.scale == 5.0 and fixed.estimator.steps == 1
