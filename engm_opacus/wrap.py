@@ -16,8 +16,8 @@ from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
 from opacus.grad_sample import GradSampleModule
 from torch import nn
 
-from engm_opacus.functional import GammaSetting, validate_gamma_setting
-from engm_opacus.optim import AutoGamma, ENGMOptimizer, InputNormEstimator, NonFinitePolicy, require_torch_optimizer
+from engm_opacus.functional import validate_gamma
+from engm_opacus.optim import ENGMOptimizer, InputNormEstimator, NonFinitePolicy, require_torch_optimizer
 from engm_opacus.optim.distributed import skip_gradient_all_reduce
 from engm_opacus.per_example import ENGMModule
 from engm_opacus.per_example.module import INPUT_GRAD_SOURCES, InputGradSource
@@ -33,7 +33,7 @@ def make_engm(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     *,
-    gamma: GammaSetting,
+    gamma: float,
     variant: Variant = "exact",
     loss_reduction: Literal["mean", "sum"] = "mean",
     on_nonfinite: NonFinitePolicy = "raise",
@@ -42,8 +42,6 @@ def make_engm(
     calibration_momentum: float = 0.5,
     input_grad_source: InputGradSource = "backward",
     attack_loss_reduction: Literal["mean", "sum"] = "mean",
-    gamma_quantile: float = 0.5,
-    gamma_window: int = 50,
 ) -> Tuple[ENGMModule, ENGMOptimizer]:
     """Wrap ``model`` and ``optimizer`` for ENGM.
 
@@ -65,8 +63,7 @@ def make_engm(
             layers Opacus has grad samplers for; others are refused with the list.
         optimizer: a ``torch.optim.Optimizer`` built on ``model``'s parameters.
         gamma: the normalization floor ``gamma > 0`` (this library's choice per run: no default
-            is taken from the paper), or ``"auto"``: the ``gamma_quantile`` quantile of the
-            per-example norms of the last ``gamma_window`` steps (:class:`~engm_opacus.optim.AutoGamma`).
+            is taken from the paper).
         variant: ``"exact"`` (per-example norms from the backward's records) or
             ``"input-norm"`` (``n_i ~= s * B ||dL/dx_i||``, ``s`` calibrated against exact
             norms: :class:`~engm_opacus.optim.InputNormEstimator`).
@@ -85,8 +82,6 @@ def make_engm(
             loss reduces its batch: ``"mean"`` (``F.cross_entropy``'s default, Rice et al.'s and
             MART's attacks) or ``"sum"`` (TRADES's KL attack, this library's ``pgd_linf``); ``m_i``
             is then each example's own input-gradient norm whatever the batch size.
-        gamma_quantile: ``gamma="auto"`` only: the quantile ``q`` in ``(0, 1)``.
-        gamma_window: ``gamma="auto"`` only: the number of past steps whose norms enter the quantile.
 
     Returns:
         ``(ENGMModule, ENGMOptimizer)``: an Opacus ``GradSampleModule`` whose ``state_dict`` has
@@ -98,10 +93,7 @@ def make_engm(
             or input-norm options with ``variant="exact"``.
         TypeError: ``optimizer`` is not a plain ``torch.optim.Optimizer``.
     """
-    gamma = validate_gamma_setting(gamma)
-    auto_gamma = AutoGamma(gamma_quantile, gamma_window) if gamma == "auto" else None
-    if gamma != "auto" and (gamma_quantile, gamma_window) != (0.5, 50):
-        raise ValueError("gamma_quantile and gamma_window apply to gamma='auto' only. Fix: drop them, or pass gamma='auto'.")
+    validate_gamma(gamma)
     require_torch_optimizer(optimizer)
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}.")
@@ -140,7 +132,7 @@ def make_engm(
     if isinstance(model, nn.parallel.DistributedDataParallel):
         skip_gradient_all_reduce(model)
     engm = ENGMOptimizer(
-        optimizer, module=wrapped, gamma=gamma, on_nonfinite=on_nonfinite, estimator=estimator, auto_gamma=auto_gamma,
+        optimizer, module=wrapped, gamma=gamma, on_nonfinite=on_nonfinite, estimator=estimator,
         attack_loss_reduction=attack_loss_reduction, distributed=distributed,
     )
     return wrapped, engm

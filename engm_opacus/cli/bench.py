@@ -12,23 +12,14 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
-from typing import Any, Dict, Union
+from typing import Any, Dict
 
 from engm_opacus.at.losses import at_method_names
 from engm_opacus.experiments.benchmark import DEFAULT_METHODS, OPTIMIZER_CHOICES, BenchConfig, quick_config, run_benchmark
+from engm_opacus.cli import number
 from engm_opacus.training.data import DATASETS
 from engm_opacus.training.options import plain_text
 from engm_opacus.training.runtime import DEVICES
-
-
-def gamma_value(text: str) -> Union[float, str]:
-    """``auto`` or a positive float (an argparse ``type``)."""
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid gamma {text!r}: give a positive number or 'auto'") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -41,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--lr-grid-engm", nargs="+", type=float, help="the ENGM variants' tuning grid (default: 0.1 0.2 0.5 1 2; quick: 0.5 1)")
     parser.add_argument("--tuning-seed", type=int, help="seed of the tuning runs, not a final seed (default: 1000)")
     parser.add_argument("--seeds", nargs="+", type=int, help="final seeds (default: 0 1 2 3 4; quick: 0 1)")
-    parser.add_argument("--gamma-study", nargs="*", type=gamma_value, help="ENGM gammas besides --gamma for PGD-AT, numbers or auto (default: 0.25 4 auto; none: no study)")
+    parser.add_argument("--gamma-study", nargs="*", type=number, help="ENGM gammas besides --gamma for PGD-AT (default: 0.25 4; none: no study)")
     parser.add_argument("--gamma", type=float, help="base ENGM gamma of the tuning and final runs (default: 1)")
     parser.add_argument("--autoattack-examples", type=int, help="test examples for AutoAttack, 0 = off, 360 or more = the whole digits test split (default: 100; quick: 8)")
     parser.add_argument("--epochs", type=int, help="training epochs (default: 20; quick: 2)")

@@ -18,7 +18,7 @@ import typing
 from dataclasses import asdict, fields
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional
 
 from engm_opacus.cli import number
 from engm_opacus.training.checkpoints import load_checkpoint
@@ -52,14 +52,6 @@ def _shown(name: str, value: Any) -> str:
 def _scalar_parser(annotation: Any) -> Optional[Callable[[str], Any]]:
     """argparse ``type=`` for a field or option type; ``Optional`` numbers also take ``none``."""
     inner, optional = optional_inner(annotation)
-    if typing.get_origin(inner) is Union:  # a number or a word, e.g. gamma: 1.0 or "auto"
-        words = literal_choices(inner) or ()
-
-        def number_or_word(text: str) -> Any:
-            return text if text in words else number(text)
-
-        number_or_word.__name__ = f"number or {' or '.join(map(str, words))}"
-        return number_or_word
     base: Optional[Callable[[str], Any]] = {float: number, int: int, str: str}.get(inner)
     if base is None or not optional or inner is str:
         return base

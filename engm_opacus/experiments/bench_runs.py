@@ -48,8 +48,8 @@ class RunSpec:
 
 
 def gamma_text(gamma: Any) -> str:
-    """``1``, ``0.25``, ``auto``: a gamma as tables and run names write it."""
-    return gamma if isinstance(gamma, str) else f"{float(gamma):g}"
+    """``1``, ``0.25``: a gamma as tables and run names write it."""
+    return f"{float(gamma):g}"
 
 
 def config_key(config: TrainConfig) -> str:

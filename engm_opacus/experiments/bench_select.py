@@ -10,9 +10,8 @@ Everything here is a pure function of run rows (dicts made by
   tuning run has the highest validation PGD accuracy of its best checkpoint; ties go to the
   smaller lr; collapsed runs are not eligible. It reads only :data:`SELECTION_KEYS` (validation
   numbers), never a test metric.
-* **Tuned fixed gamma** (:func:`gamma_verdict`): among float gammas, the one with the highest
-  mean validation PGD (best checkpoint) over seeds; ``gamma="auto"`` *matches* it when its mean
-  test PGD-20 (last checkpoint) is at least the tuned gamma's mean minus one (sample) std.
+* **Tuned gamma** (:func:`gamma_verdict`): among the study's gammas, the one with the highest
+  mean validation PGD (best checkpoint) over seeds.
 * **Paired test** (:func:`paired_test`): the same seeds of two optimizers; ``scipy.stats.ttest_rel``
   when scipy is installed (the ``[dev]`` extra), else an exact sign-flip permutation test.
 """
@@ -79,29 +78,22 @@ def mean_std(values: Sequence[Any]) -> Tuple[float, float]:
 
 
 def gamma_verdict(rows: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-    """The tuned fixed gamma (validation) and whether ``"auto"`` matches it on test PGD-20 (last).
+    """The tuned gamma (validation) and its test PGD-20 (last).
 
     ``rows``: PGD-AT exact-ENGM runs of one eps at one lr, one per (gamma, seed), with
-    ``val_pgd_best`` and ``pgd20_last``. Returns ``tuned_gamma`` (``None`` without float gammas),
-    ``tuned_val``, ``tuned_test_mean`` / ``_std``, ``auto_test_mean`` / ``_std`` and ``auto_matches``
-    (``None`` when no ``"auto"`` run or no tuned gamma).
+    ``val_pgd_best`` and ``pgd20_last``. Returns ``tuned_gamma`` (``None`` without a finite run),
+    ``tuned_val`` and ``tuned_test_mean`` / ``_std``.
     """
     by_gamma: Dict[Any, List[Dict[str, Any]]] = {}
     for row in rows:
         by_gamma.setdefault(row["gamma"], []).append(row)
-    floats = [g for g in by_gamma if not isinstance(g, str)]
-    scored = [(mean_std([r["val_pgd_best"] for r in by_gamma[g]])[0], -float(g), g) for g in floats]
+    scored = [(mean_std([r["val_pgd_best"] for r in by_gamma[g]])[0], -float(g), g) for g in by_gamma]
     scored = [s for s in scored if math.isfinite(s[0])]
-    out: Dict[str, Any] = {"tuned_gamma": None, "tuned_val": float("nan"), "tuned_test_mean": float("nan"), "tuned_test_std": float("nan"),
-                           "auto_test_mean": float("nan"), "auto_test_std": float("nan"), "auto_matches": None}
+    out: Dict[str, Any] = {"tuned_gamma": None, "tuned_val": float("nan"), "tuned_test_mean": float("nan"), "tuned_test_std": float("nan")}
     if scored:
         tuned_val, _, tuned = max(scored)  # ties: the smaller gamma
         out.update(tuned_gamma=float(tuned), tuned_val=tuned_val)
         out["tuned_test_mean"], out["tuned_test_std"] = mean_std([r["pgd20_last"] for r in by_gamma[tuned]])
-    if "auto" in by_gamma:
-        out["auto_test_mean"], out["auto_test_std"] = mean_std([r["pgd20_last"] for r in by_gamma["auto"]])
-        if out["tuned_gamma"] is not None and math.isfinite(out["auto_test_mean"]):
-            out["auto_matches"] = bool(out["auto_test_mean"] >= out["tuned_test_mean"] - out["tuned_test_std"])
     return out
 
 

@@ -184,12 +184,8 @@ def gamma_table(summary: Sequence[Dict[str, Any]]) -> Tuple[List[str], List[List
 
 
 def verdict_text(verdict: Dict[str, Any]) -> str:
-    """One sentence: the tuned fixed gamma and whether ``auto`` matches it."""
+    """One sentence: the tuned gamma and its test accuracy."""
     if verdict["tuned_gamma"] is None:
-        return f"eps {verdict['eps']:g}: no finite float-gamma run, no tuned gamma."
-    text = (f"eps {verdict['eps']:g}: tuned fixed gamma (best mean validation PGD) = {verdict['tuned_gamma']:g}, "
-            f"test PGD-20 (last) {pct(verdict['tuned_test_mean'], verdict['tuned_test_std'])}")
-    if verdict["auto_matches"] is None:
-        return text + "; no gamma='auto' result."
-    return text + (f"; gamma='auto' {pct(verdict['auto_test_mean'], verdict['auto_test_std'])}: "
-                   + ("matches it (within one std or higher)." if verdict["auto_matches"] else "does NOT match it (more than one std lower)."))
+        return f"eps {verdict['eps']:g}: no finite gamma-study run, no tuned gamma."
+    return (f"eps {verdict['eps']:g}: tuned gamma (best mean validation PGD) = {verdict['tuned_gamma']:g}, "
+            f"test PGD-20 (last) {pct(verdict['tuned_test_mean'], verdict['tuned_test_std'])}.")

@@ -18,7 +18,7 @@ Protocol (:class:`BenchConfig` holds every number):
    checkpoint (best = highest validation PGD) and AutoAttack (standard, ``pyautoattack``) of both
    on ``autoattack_examples`` test examples (``None``: the whole split).
 3. **Gamma study** (phase ``gamma``): PGD-AT with exact ENGM at ENGM's selected lr, for each
-   gamma of ``gamma_study`` (floats or ``"auto"``) with the final seeds (test PGD-20, no
+   gamma of ``gamma_study`` with the final seeds (test PGD-20, no
    AutoAttack); the base gamma's point is the final phase's run.
 
 Phase 1 finishes before anything of phases 2 and 3 starts. Runs go ``jobs`` at a time in
@@ -34,7 +34,7 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from rich.console import Console
 
@@ -66,7 +66,6 @@ AUTOATTACK_EXAMPLES = 100
 """AutoAttack's default budget: the first 100 of the 360 test images (the whole split costs about 96 s per checkpoint on
 one core, 3.2 core-hours for the 120 checkpoints of the final phase; ``--autoattack-examples`` takes any number or all)."""
 
-Gamma = Union[float, str]
 
 
 def _default_base() -> TrainConfig:
@@ -85,7 +84,7 @@ class BenchConfig:
         lr_grid_engm: the tuning grid of both ENGM variants (at ``base.gamma``).
         tuning_seed: the seed of every tuning run (not one of ``seeds``).
         seeds: seeds of the final and gamma-study runs.
-        gamma_study: ENGM gammas besides ``base.gamma`` for PGD-AT (floats or ``"auto"``; empty: no study).
+        gamma_study: ENGM gammas besides ``base.gamma`` for PGD-AT (empty: no study).
         autoattack_examples: test examples for AutoAttack (``None``: all; 0: off).
         jobs: runs trained in parallel (processes, 1 torch thread each).
         out_dir: results folder (runs in ``out_dir/runs``).
@@ -100,7 +99,7 @@ class BenchConfig:
     lr_grid_engm: Sequence[float] = (0.1, 0.2, 0.5, 1.0, 2.0)
     tuning_seed: int = 1000
     seeds: Sequence[int] = (0, 1, 2, 3, 4)
-    gamma_study: Sequence[Gamma] = (0.25, 4.0, "auto")
+    gamma_study: Sequence[float] = (0.25, 4.0)
     autoattack_examples: Optional[int] = AUTOATTACK_EXAMPLES
     jobs: int = 2
     out_dir: str = "benchmarks/results/engm_vs_msgd"
@@ -134,7 +133,7 @@ class BenchConfig:
         return self
 
 
-def _config(bench: BenchConfig, eps: float, method: str, optimizer: str, lr: float, seed: int, gamma: Optional[Gamma] = None) -> TrainConfig:
+def _config(bench: BenchConfig, eps: float, method: str, optimizer: str, lr: float, seed: int, gamma: Optional[float] = None) -> TrainConfig:
     return replace(
         bench.base, eps=eps, step_size=STEP_FRACTION * eps, at_method=method, optimizer=optimizer, lr=lr, seed=seed,
         gamma=bench.base.gamma if gamma is None else gamma, progress=False,

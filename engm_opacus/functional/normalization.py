@@ -13,13 +13,8 @@ with ``max_grad_norm = gamma``, scaled by ``1/gamma``.
 from __future__ import annotations
 
 import math
-from typing import Literal, Union
 
 import torch
-
-GammaSetting = Union[float, Literal["auto"]]
-"""What users pass as ``gamma``: a positive number, or ``"auto"`` (a running quantile of recent norms:
-:class:`engm_opacus.optim.AutoGamma`)."""
 
 
 def validate_gamma(gamma: float) -> float:
@@ -31,16 +26,10 @@ def validate_gamma(gamma: float) -> float:
     if not math.isfinite(value) or value <= 0.0:
         raise ValueError(
             f"gamma must be a positive finite number, got {gamma!r}. "
-            "Fix: pass e.g. gamma=1.0 (the floor in w_i = 1/max(||g_i||, gamma)) or gamma='auto' (a running "
-            "quantile of recent norms); gamma <= 0 would divide by a zero gradient norm and gamma = inf would zero "
-            "every update."
+            "Fix: pass e.g. gamma=1.0 (the floor in w_i = 1/max(||g_i||, gamma)); gamma <= 0 would divide "
+            "by a zero gradient norm and gamma = inf would zero every update."
         )
     return value
-
-
-def validate_gamma_setting(gamma: GammaSetting) -> GammaSetting:
-    """Return ``"auto"`` as it is, or ``gamma`` as a validated float (:func:`validate_gamma`)."""
-    return "auto" if isinstance(gamma, str) and gamma == "auto" else validate_gamma(gamma)
 
 
 def engm_weights(norms: torch.Tensor, gamma: float) -> torch.Tensor:

@@ -25,8 +25,7 @@ import torch
 from opacus.optimizers.optimizer import DPOptimizer
 from torch import nn
 
-from engm_opacus.functional import GammaSetting, engm_weights, nonfinite_norms_error, validate_gamma, validate_gamma_setting
-from engm_opacus.optim.auto_gamma import AutoGamma
+from engm_opacus.functional import engm_weights, nonfinite_norms_error, validate_gamma
 from engm_opacus.optim.checks import check_coverage, verify_against_grads
 from engm_opacus.optim.distributed import all_reduce_sums, data_parallel_world, gather_examples
 from engm_opacus.optim.input_norm import InputNormEstimator
@@ -66,12 +65,10 @@ class ENGMOptimizer(DPOptimizer):
     Args:
         optimizer: the wrapped ``torch.optim.Optimizer``.
         module: the model wrapped by :func:`~engm_opacus.make_engm`.
-        gamma: the normalization floor ``gamma > 0``, or ``"auto"``: a running quantile of recent
-            norms (:class:`~engm_opacus.optim.auto_gamma.AutoGamma`).
+        gamma: the normalization floor ``gamma > 0``.
         on_nonfinite: ``"raise"`` (``FloatingPointError``) or ``"skip"`` (no update, momentum
             untouched, recorded in :attr:`last_step`) on NaN/inf per-example norms.
         estimator: the input-norm variant's estimator, or ``None`` for exact norms.
-        auto_gamma: the running quantile for ``gamma="auto"`` (default: ``AutoGamma()``).
         attack_loss_reduction: input-norm variant, attack source: how the attack's loss reduces the batch.
         verify_steps: on this many first steps, check that the recorded per-example gradients
             sum to ``p.grad`` (one extra weighted-gradient computation): a parameter used outside
@@ -88,10 +85,9 @@ class ENGMOptimizer(DPOptimizer):
         optimizer: torch.optim.Optimizer,
         *,
         module: ENGMModule,
-        gamma: GammaSetting,
+        gamma: float,
         on_nonfinite: NonFinitePolicy = "raise",
         estimator: Optional[InputNormEstimator] = None,
-        auto_gamma: Optional[AutoGamma] = None,
         attack_loss_reduction: Literal["mean", "sum"] = "mean",
         verify_steps: int = 1,
         distributed: bool = False,
@@ -99,17 +95,12 @@ class ENGMOptimizer(DPOptimizer):
         require_torch_optimizer(optimizer)
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}.")
-        gamma = validate_gamma_setting(gamma)
-        if gamma == "auto" and auto_gamma is None:
-            auto_gamma = AutoGamma()
         super().__init__(
-            optimizer, noise_multiplier=0.0, max_grad_norm=1.0 if gamma == "auto" else gamma, expected_batch_size=None,
-            loss_reduction="sum",
+            optimizer, noise_multiplier=0.0, max_grad_norm=validate_gamma(gamma), expected_batch_size=None, loss_reduction="sum"
         )
         self.module = module
         self.on_nonfinite: NonFinitePolicy = on_nonfinite
         self.estimator = estimator
-        self.auto_gamma = auto_gamma if gamma == "auto" else None
         self.last_step: Optional[ENGMStepStats] = None
         self._norms: List[torch.Tensor] = []
         self._calibration_errors: List[float] = []
@@ -121,13 +112,12 @@ class ENGMOptimizer(DPOptimizer):
 
     @property
     def gamma(self) -> float:
-        """The normalization floor (Opacus's ``max_grad_norm``); with ``gamma="auto"``, the value of the last step."""
+        """The normalization floor (Opacus's ``max_grad_norm``)."""
         return self.max_grad_norm
 
     @gamma.setter
     def gamma(self, value: float) -> None:
         self.max_grad_norm = validate_gamma(value)
-        self.auto_gamma = None
 
     @torch.no_grad()
     def accumulate(self, grad_scale: float = 1.0, overflow: bool = False) -> None:
@@ -160,8 +150,6 @@ class ENGMOptimizer(DPOptimizer):
             norms = self._norms_of(record, reductions, factor, own)
             self._norms.append(norms)
             passes.append((reductions, norms, factor))
-        if passes and self.auto_gamma is not None:
-            self._set_auto_gamma(torch.cat([norms for _, norms, _ in passes]))
         for reductions, norms, factor in passes:
             if not bool(torch.isfinite(norms).all()):
                 if self.on_nonfinite == "raise" and not overflow and not self.distributed:
@@ -223,21 +211,11 @@ class ENGMOptimizer(DPOptimizer):
         norm, whatever the batch size (an epoch's last batch, uneven data-parallel shards)."""
         return float(rows) if self.attack_loss_reduction == "mean" else 1.0
 
-    def _set_auto_gamma(self, current: torch.Tensor) -> None:
-        """``gamma="auto"``: the running quantile of past norms (this step's on the first step, global under DDP)."""
-        if not self.auto_gamma.ready and self.distributed:
-            (current,) = gather_examples((current.double(),))
-        self.max_grad_norm = self.auto_gamma.value(current)
-
     def _arm_next_step(self) -> None:
         """Choose how the coming step's backward passes are handled: recorded (exact norms, calibration) or the
         input-norm fast path (weights fixed at the training forward from the attack's last input gradient)."""
         estimator = self.estimator
         fast = estimator is not None and self.module.input_grad_source == "attack" and not estimator.calibrating
-        if self.auto_gamma is not None:  # the floor of the coming step, from past steps only (none yet: record this one)
-            fast = fast and self.auto_gamma.ready
-            if self.auto_gamma.ready:
-                self.max_grad_norm = self.auto_gamma.value()
         self.module.recording = not fast
         self.module.row_weights = self._fast_path_weights if fast else None
 
@@ -316,8 +294,6 @@ class ENGMOptimizer(DPOptimizer):
                     p.grad = (p.summed_grad / examples).view_as(p).to(p.dtype)
         self._nonfinite_gradient = False
         self.last_step = self._stats(local, skipped)
-        if self.auto_gamma is not None and len(local):
-            self.auto_gamma.update(gather_examples((local.double(),))[0] if self.distributed else local)
         if self.estimator is not None:
             self.estimator.steps += 1
         self._arm_next_step()
@@ -355,30 +331,20 @@ class ENGMOptimizer(DPOptimizer):
         )
 
     def state_dict(self) -> Dict[str, Any]:
-        """The wrapped optimizer's ``state_dict`` plus ``"engm"``: the floor, the input-norm scale and step count,
-        and ``gamma="auto"``'s window, so that a resumed run continues exactly."""
+        """The wrapped optimizer's ``state_dict`` plus ``"engm"``: the input-norm scale and step count, so that a resumed
+        run continues exactly."""
         state = super().state_dict()
-        state["engm"] = {
-            "gamma": self.max_grad_norm,
-            "estimator": None if self.estimator is None else self.estimator.state_dict(),
-            "auto_gamma": None if self.auto_gamma is None else self.auto_gamma.state_dict(),
-        }
+        state["engm"] = {"estimator": None if self.estimator is None else self.estimator.state_dict()}
         return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load :meth:`state_dict` (a plain ``torch.optim`` state dict loads too, leaving ENGM's own state as it is).
 
-        What was passed to ``make_engm`` wins: a fixed ``gamma`` and a fixed ``input_norm_scale`` are kept (only the
-        step count is restored then); the running state of ``gamma="auto"`` and of a calibrated scale is restored."""
+        A fixed ``input_norm_scale`` given to ``make_engm`` is kept (only the step count is restored then)."""
         engm = state_dict.get("engm")
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "engm"})
-        if engm is None:
-            return
-        if self.estimator is not None and engm["estimator"] is not None:
+        if engm is not None and self.estimator is not None and engm["estimator"] is not None:
             self.estimator.load_state_dict(engm["estimator"])
-        if self.auto_gamma is not None and engm["auto_gamma"] is not None:  # a fixed gamma given to make_engm stays
-            self.auto_gamma.load_state_dict(engm["auto_gamma"])
-            self.max_grad_norm = engm["gamma"]
         self._arm_next_step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -22,7 +22,7 @@ class ENGMStepStats:
             or a ``GradScaler`` overflow); parameters and momentum are untouched then.
         scale: the input-norm variant's scale ``s`` after this step (``None`` for exact ENGM).
         calibrated: input-norm variant: exact norms were computed on this step and ``s`` refitted.
-        gamma: the floor the weights used (``gamma="auto"``: that step's running quantile).
+        gamma: the floor the weights used.
         calibration_error: on calibration steps, the median relative error
             ``|s_old * m_i - n_i| / n_i`` of the estimate with the scale used before this step.
     """

@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from engm_opacus.at.attacks import validate_threat_model
 from engm_opacus.at.losses import at_method_names
-from engm_opacus.functional import GammaSetting, validate_gamma_setting
+from engm_opacus.functional import validate_gamma
 from engm_opacus.training.amp import AMP_MODES
 from engm_opacus.training.data import DATASETS
 from engm_opacus.training.models import MODELS, NORMS
@@ -90,8 +90,7 @@ class TrainConfig:
         attack_eval_mode: attack with the model in eval mode during training.
         optimizer: ``engm`` (exact per-example norms), ``engm-input-norm`` (the input-norm
             variant) or ``msgd`` (plain momentum SGD on the mean loss, the baseline).
-        gamma: ENGM normalization floor in ``w_i = 1/max(||g_i||, gamma)``, or ``"auto"``
-            (``make_engm(gamma="auto")``: the ``gamma_quantile`` quantile of recent norms).
+        gamma: ENGM normalization floor in ``w_i = 1/max(||g_i||, gamma)``.
         engm_options: further keyword arguments of :func:`engm_opacus.make_engm`
             (``on_nonfinite``; input-norm only: ``input_norm_scale``, ``calibrate_every``,
             ``calibration_momentum``): :func:`engm_opacus.training.options.engm_options`.
@@ -137,9 +136,7 @@ class TrainConfig:
         "engm", "outer optimizer: engm (exact per-example norms), engm-input-norm (norms estimated from input "
         "gradients), or msgd for the plain momentum-SGD baseline", OPTIMIZER,
     )
-    gamma: GammaSetting = _field(
-        1.0, "ENGM normalization floor in w_i = 1/max(||g_i||, gamma), or auto: a running quantile of recent norms", OPTIMIZER
-    )
+    gamma: float = _field(1.0, "ENGM normalization floor in w_i = 1/max(||g_i||, gamma)", OPTIMIZER)
     engm_options: Dict[str, Any] = _field(dict, "keyword options of make_engm (one flag each below)", OPTIMIZER)
     lr: Optional[float] = _field(None, "base learning rate (none: 0.5 for ENGM, 0.1 for MSGD)", OPTIMIZER)
     momentum: float = _field(0.9, "SGD momentum", OPTIMIZER)
@@ -179,14 +176,11 @@ class TrainConfig:
         for steps in (self.pgd_steps, self.val_pgd_steps, self.test_pgd_steps):
             validate_threat_model(self.eps, self.step_size, steps)
         if self.uses_engm:
-            self.gamma = validate_gamma_setting(self.gamma)
+            validate_gamma(self.gamma)
         check_options("at_options", self.at_options, self.at_method, "at_method")
         if self.engm_options and not self.uses_engm:
             raise ValueError(f"engm_options {self.engm_options!r} need an ENGM optimizer, not {self.optimizer!r}. Fix: drop them.")
         check_options("engm_options", self.engm_options, self.optimizer, "optimizer")
-        auto_only = sorted({"gamma_quantile", "gamma_window"} & set(self.engm_options))
-        if auto_only and self.gamma != "auto":
-            raise ValueError(f"{', '.join(auto_only)} apply to gamma='auto' only. Fix: drop them, or set gamma to auto.")
         positive = {"epochs": self.epochs, "batch_size": self.batch_size}
         for name in ("max_train_examples", "max_val_examples", "max_test_examples", "width", "threads"):
             if getattr(self, name) is not None:

@@ -35,7 +35,7 @@ class Display:
 
 def run_title(config: TrainConfig) -> str:
     """``ENGM (gamma 1) + pgd-at`` style name of a run's optimizer and AT method."""
-    gamma = f" (gamma {config.gamma if isinstance(config.gamma, str) else format(config.gamma, 'g')})" if config.uses_engm else ""
+    gamma = f" (gamma {config.gamma:g})" if config.uses_engm else ""
     return f"{OPTIMIZER_LABELS[config.optimizer]}{gamma} + {config.at_method}"
 
 

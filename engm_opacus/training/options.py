@@ -98,8 +98,6 @@ def value_matches(annotation: Any, value: Any) -> bool:
     inner, optional = optional_inner(annotation)
     if value is None:
         return optional
-    if typing.get_origin(inner) is Union:  # e.g. gamma: a number or "auto"
-        return any(value_matches(arg, value) for arg in typing.get_args(inner))
     choices = literal_choices(inner)
     if choices is not None:
         return value in choices

@@ -20,7 +20,7 @@ OPTION_VALUES: Dict[str, Dict[str, Any]] = {
     "at_options": {"beta": 3.0, "lam": 2.5, "gamma_awp": 0.01},
     "engm_options": {
         "on_nonfinite": "skip", "input_norm_scale": 2.0, "calibrate_every": 3, "calibration_momentum": 0.25,
-        "input_grad_source": "attack", "attack_loss_reduction": "sum", "gamma_quantile": 0.9, "gamma_window": 20,
+        "input_grad_source": "attack", "attack_loss_reduction": "sum",
     },
 }
 
@@ -31,8 +31,6 @@ def non_default(name: str, annotation: Any, default: Any, checkpoint: Path) -> A
         return OPTION_VALUES[name]
     if name == "resume":
         return str(checkpoint)
-    if name == "gamma":
-        return "auto"
     if name in field_choices():
         return next(c for c in field_choices()[name] if c != default)
     inner, _ = optional_inner(annotation)

@@ -64,7 +64,7 @@ def test_main_table_has_every_column_with_values_in_range(minimal):
     for name, columns in (("tuning.csv", TUNING_COLUMNS), ("runs.csv", RUN_COLUMNS), ("paired.csv", PAIRED_COLUMNS), ("gamma.csv", GAMMA_COLUMNS)):
         assert header(out / name) == columns, name
     text = (out / "results.md").read_text()
-    for title in [t for _, t in METRICS] + ["Paired tests", "Tuning on validation", "Sensitivity", "Gamma study", "tuned fixed gamma"]:
+    for title in [t for _, t in METRICS] + ["Paired tests", "Tuning on validation", "Sensitivity", "Gamma study", "tuned gamma"]:
         assert title in text
     for name in ("| MSGD |", "| ENGM |", "| ENGM (input-norm) |"):
         assert name in text

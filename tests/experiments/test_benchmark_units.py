@@ -63,15 +63,12 @@ def gamma_rows(gamma, vals, tests):
     return [{"gamma": gamma, "val_pgd_best": v, "pgd20_last": t} for v, t in zip(vals, tests)]
 
 
-def test_tuned_fixed_gamma_is_chosen_on_validation_and_auto_is_judged_on_test():
+def test_tuned_gamma_is_chosen_on_validation():
     rows = gamma_rows(0.25, [0.30, 0.32], [0.50, 0.50]) + gamma_rows(1.0, [0.36, 0.38], [0.30, 0.34]) + gamma_rows(4.0, [0.2, 0.2], [0.9, 0.9])
     std = float(np.std([0.30, 0.34], ddof=1))
-    matching = gamma_verdict(rows + gamma_rows("auto", [0.0, 0.0], [0.32 - std + 1e-9, 0.32 - std + 1e-9]))
-    assert matching["tuned_gamma"] == 1.0 and matching["tuned_val"] == pytest.approx(0.37)  # validation, although 4.0 tests best
-    assert matching["tuned_test_mean"] == pytest.approx(0.32) and matching["tuned_test_std"] == pytest.approx(std)
-    assert matching["auto_matches"] is True
-    assert gamma_verdict(rows + gamma_rows("auto", [0.9, 0.9], [0.25, 0.25]))["auto_matches"] is False
-    assert gamma_verdict(rows)["auto_matches"] is None
+    verdict = gamma_verdict(rows)
+    assert verdict["tuned_gamma"] == 1.0 and verdict["tuned_val"] == pytest.approx(0.37)  # validation, although 4.0 tests best
+    assert verdict["tuned_test_mean"] == pytest.approx(0.32) and verdict["tuned_test_std"] == pytest.approx(std)
     tie = gamma_verdict(gamma_rows(4.0, [0.3], [0.1]) + gamma_rows(0.25, [0.3], [0.2]))
     assert tie["tuned_gamma"] == 0.25
 
@@ -105,12 +102,12 @@ def test_a_run_whose_optimizer_raises_on_non_finite_values_is_a_collapsed_row(tm
     assert bench_runs.run_one(spec, str(tmp_path))["reused"]  # not retried on the next invocation
 
 
-def test_run_names_hold_the_phase_and_the_gamma_including_auto():
+def test_run_names_hold_the_phase_and_the_gamma():
     config = replace(TrainConfig(), optimizer="engm", lr=0.5, eps=0.2, seed=3)
     assert run_name(RunSpec("final", config)).startswith("final-eps0.2-pgd-at-engm-lr0.5-g1-s3-")
-    assert run_name(RunSpec("gamma", replace(config, gamma="auto"))).startswith("gamma-eps0.2-pgd-at-engm-lr0.5-gauto-s3-")
+    assert run_name(RunSpec("gamma", replace(config, gamma=0.25))).startswith("gamma-eps0.2-pgd-at-engm-lr0.5-g0.25-s3-")
     assert "-g--" in run_name(RunSpec("tune", replace(config, optimizer="msgd")))
-    assert run_name(RunSpec("gamma", replace(config, gamma=4.0))) != run_name(RunSpec("gamma", replace(config, gamma="auto")))
+    assert run_name(RunSpec("gamma", replace(config, gamma=4.0))) != run_name(RunSpec("gamma", replace(config, gamma=0.25)))
 
 
 def test_bad_configs_name_the_fix():
@@ -139,7 +136,7 @@ def test_cli_refuses_unknown_names_listing_the_valid_ones(capsys):
     assert "awp-pgd-at" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parser.parse_args(["--gamma-study", "big"])
-    assert "'auto'" in capsys.readouterr().err
+    assert "expected a number" in capsys.readouterr().err
 
 
 def test_cli_defaults_are_the_full_protocol_and_quick_is_small():
@@ -147,16 +144,16 @@ def test_cli_defaults_are_the_full_protocol_and_quick_is_small():
     full = bench_config_from_args(parser.parse_args([]))
     assert tuple(full.eps) == (0.2,) and full.base.epochs == 20 and full.base.batch_size == 64 and full.base.schedule == "piecewise"
     assert full.base.pgd_steps == 10 and full.base.test_pgd_steps == 20 and full.autoattack_examples == 100 and full.jobs == 2
-    assert tuple(full.seeds) == (0, 1, 2, 3, 4) and full.tuning_seed == 1000 and tuple(full.gamma_study) == (0.25, 4.0, "auto")
-    assert plan_sizes(full) == {"tune": 4 * 3 * 5, "final": 4 * 3 * 5, "gamma": 3 * 5}
+    assert tuple(full.seeds) == (0, 1, 2, 3, 4) and full.tuning_seed == 1000 and tuple(full.gamma_study) == (0.25, 4.0)
+    assert plan_sizes(full) == {"tune": 4 * 3 * 5, "final": 4 * 3 * 5, "gamma": 2 * 5}
     estimate = estimate_text(full, plan_sizes(full), 1257, 180, 360)
-    assert "60 tuning runs" in estimate and "135 runs in all" in estimate and "120 evaluations (last and best) on 100 test examples" in estimate
+    assert "60 tuning runs" in estimate and "130 runs in all" in estimate and "120 evaluations (last and best) on 100 test examples" in estimate
     quick = bench_config_from_args(parser.parse_args(["--quick"]))
     assert quick.quick and quick.base.epochs == 2 and len(quick.seeds) == 2 and len(quick.lr_grid_engm) == 2 and quick.autoattack_examples == 8
     custom = bench_config_from_args(parser.parse_args(
-        ["--quick", "--eps", "0.2", "0.3", "--methods", "mart", "--seeds", "3", "4", "--gamma-study", "0.5", "auto", "--lr-grid-msgd", "0.1"]
+        ["--quick", "--eps", "0.2", "0.3", "--methods", "mart", "--seeds", "3", "4", "--gamma-study", "0.5", "2", "--lr-grid-msgd", "0.1"]
     ))
-    assert custom.eps == (0.2, 0.3) and custom.methods == ("mart",) and custom.seeds == (3, 4) and custom.gamma_study == (0.5, "auto")
+    assert custom.eps == (0.2, 0.3) and custom.methods == ("mart",) and custom.seeds == (3, 4) and custom.gamma_study == (0.5, 2.0)
     assert custom.lr_grid_msgd == (0.1,) and plan_sizes(custom) == {"tune": 2 * (1 + 2 + 2), "final": 2 * 3 * 2, "gamma": 0}
     none = bench_config_from_args(parser.parse_args(["--gamma-study"]))
     assert none.gamma_study == ()

@@ -394,7 +394,7 @@ def test_a_refused_option_leaves_the_model_unwrapped() -> None:
 
 def test_loading_a_checkpoint_keeps_the_fixed_settings_given_to_make_engm() -> None:
     model, (x, y) = mlp(11), batch(11)
-    wrapped, optimizer = make_engm(model, torch.optim.SGD(model.parameters(), lr=0.1), gamma="auto", variant="input-norm")
+    wrapped, optimizer = make_engm(model, torch.optim.SGD(model.parameters(), lr=0.1), gamma=0.5, variant="input-norm")
     F.cross_entropy(wrapped(x), y).backward()
     optimizer.step()
     optimizer.zero_grad()
@@ -403,3 +403,23 @@ def test_loading_a_checkpoint_keeps_the_fixed_settings_given_to_make_engm() -> N
     _, fixed = make_engm(other, torch.optim.SGD(other.parameters(), lr=0.1), gamma=0.01, variant="input-norm", input_norm_scale=5.0)
     fixed.load_state_dict(state)
     assert fixed.gamma == 0.01 and fixed.estimator.scale == 5.0 and fixed.estimator.steps == 1
+
+
+def test_a_resumed_optimizer_continues_with_the_calibrated_scale() -> None:
+    model, (x, y) = mlp(12), batch(12)
+    wrapped, optimizer = make_engm(model, torch.optim.SGD(model.parameters(), lr=0.1), gamma=0.5, variant="input-norm")
+    F.cross_entropy(wrapped(x), y).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    other = mlp(12)
+    other.load_state_dict(model.state_dict())
+    twin, resumed = make_engm(other, torch.optim.SGD(other.parameters(), lr=0.1), gamma=0.5, variant="input-norm")
+    resumed.load_state_dict(optimizer.state_dict())
+    assert (resumed.estimator.scale, resumed.estimator.steps) == (optimizer.estimator.scale, 1)
+    for net, opt in ((wrapped, optimizer), (twin, resumed)):
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert not resumed.last_step.calibrated
+    for p, q in zip(model.parameters(), other.parameters()):
+        assert torch.equal(p, q)
