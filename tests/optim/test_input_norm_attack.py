@@ -61,6 +61,20 @@ def reference_step(reference: nn.Module, optimizer: torch.optim.Optimizer, grads
     optimizer.step()
 
 
+def train_and_compare(
+    wrapped: nn.Module, optimizer, x_adv: torch.Tensor, y: torch.Tensor, reference: nn.Module, reference_optimizer,
+    grads, norms: torch.Tensor, gamma: float,
+) -> None:
+    """One ENGM step of the script (``loss.backward(); step(); zero_grad()``) next to the reference step with
+    ``w_i = 1/max(norms_i, gamma)``; the step's norms and both models' parameters must agree."""
+    F.cross_entropy(wrapped(x_adv), y).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    reference_step(reference, reference_optimizer, grads, 1.0 / norms.clamp(min=gamma))
+    torch.testing.assert_close(optimizer.last_step.per_example_norms, norms, rtol=1e-10, atol=0)
+    assert_same_parameters(wrapped, reference)
+
+
 def sgd(model: nn.Module) -> torch.optim.SGD:
     return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)
 
@@ -85,12 +99,7 @@ def test_fixed_scale_weights_come_from_the_attacks_last_input_gradient() -> None
         _, _, attack_input_norms = per_example(reference, last_iterate, y)
         estimates = scale * attack_input_norms
         grads, _, _ = per_example(reference, x_adv, y)
-        F.cross_entropy(wrapped(x_adv), y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        reference_step(reference, reference_optimizer, grads, 1.0 / estimates.clamp(min=1.2))
-        torch.testing.assert_close(optimizer.last_step.per_example_norms, estimates, rtol=1e-10, atol=0)
-        assert_same_parameters(model, reference)
+        train_and_compare(wrapped, optimizer, x_adv, y, reference, reference_optimizer, grads, estimates, 1.2)
 
 
 def test_default_calibrates_the_attack_norms_on_the_first_step_then_takes_the_fast_path() -> None:
@@ -108,15 +117,9 @@ def test_default_calibrates_the_attack_norms_on_the_first_step_then_takes_the_fa
             norms = exact
         else:
             norms = scale * attack_input_norms
-        F.cross_entropy(wrapped(x_adv), y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        reference_step(reference, reference_optimizer, grads, 1.0 / norms.clamp(min=0.3))
-        stats = optimizer.last_step
-        assert stats.calibrated == (step == 0)
-        assert stats.scale == pytest.approx(scale, rel=1e-12)
-        torch.testing.assert_close(stats.per_example_norms, norms, rtol=1e-10, atol=0)
-        assert_same_parameters(model, reference)
+        train_and_compare(wrapped, optimizer, x_adv, y, reference, reference_optimizer, grads, norms, 0.3)
+        assert optimizer.last_step.calibrated == (step == 0)
+        assert optimizer.last_step.scale == pytest.approx(scale, rel=1e-12)
     assert not wrapped.recording and wrapped.row_weights is not None  # the fast path records no layer call
 
 
@@ -134,12 +137,7 @@ def test_with_the_exact_per_example_ratio_supplied_it_equals_exact_engm(source: 
         grads, exact, training_input_norms = per_example(reference, x_adv, y)
         _, _, attack_input_norms = per_example(reference, last_iterate, y)
         optimizer.estimator.scale = exact / (attack_input_norms if source == "attack" else training_input_norms)
-        F.cross_entropy(wrapped(x_adv), y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        reference_step(reference, reference_optimizer, grads, 1.0 / exact.clamp(min=0.2))
-        torch.testing.assert_close(optimizer.last_step.per_example_norms, exact, rtol=1e-10, atol=0)
-        assert_same_parameters(model, reference)
+        train_and_compare(wrapped, optimizer, x_adv, y, reference, reference_optimizer, grads, exact, 0.2)
 
 
 def bn_net(seed: int = 0) -> nn.Module:
